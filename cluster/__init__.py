@@ -1,0 +1,1 @@
+"""numoe coordinator side: GGUF models, tokenizer, engine, CLI."""

@@ -1,0 +1,83 @@
+/* numoe native kernels: the public API, and the single source for the cffi cdef.
+ *
+ * The cdef parser reads this file verbatim: keep it to plain declarations (no #include,
+ * no macros other than the NUMOE_TYPE_* enum, no static_assert). Block layouts and the
+ * dispatch table live in src/internal.h.
+ *
+ * Conventions shared by every call:
+ *   - `type` is a ggml type id (numoe_type below). Rows of a weight matrix are contiguous
+ *     and row_bytes(type, n_in) long, exactly as in a GGUF file.
+ *   - A weight matrix W has shape [n_out, n_in] (GGUF ne = [n_in, n_out]); y = x @ W^T.
+ *   - Activations and outputs are float32, row-major [n_tokens, n].
+ *   - Return 0 on success, a negative NUMOE_E* code on bad arguments (never abort).
+ */
+typedef enum {
+    NUMOE_TYPE_F32 = 0,
+    NUMOE_TYPE_F16 = 1,
+    NUMOE_TYPE_Q4_0 = 2,
+    NUMOE_TYPE_Q5_0 = 6,
+    NUMOE_TYPE_Q8_0 = 8,
+    NUMOE_TYPE_Q4_K = 12,
+    NUMOE_TYPE_Q5_K = 13,
+    NUMOE_TYPE_Q6_K = 14,
+    NUMOE_TYPE_BF16 = 30
+} numoe_type;
+
+typedef enum {
+    NUMOE_OK = 0,
+    NUMOE_EBADTYPE = -1,      /* type id not supported */
+    NUMOE_EBADSHAPE = -2,     /* n_in not a multiple of the type's block size, or <= 0 */
+    NUMOE_EBADARG = -3        /* null pointer, expert id out of range, ... */
+} numoe_status;
+
+typedef enum {
+    NUMOE_ISA_SCALAR = 0,
+    NUMOE_ISA_AVX2 = 1,       /* AVX2 + FMA + F16C */
+    NUMOE_ISA_AVX512 = 2      /* AVX-512 F/BW/VL + VNNI */
+} numoe_isa;
+
+typedef enum {
+    NUMOE_ACT_SILU = 0,       /* SwiGLU: silu(gate) * up  (Qwen3, Qwen3-MoE, DeepSeek) */
+    NUMOE_ACT_GELU_TANH = 1   /* GeGLU: gelu_tanh(gate) * up (Gemma 3) */
+} numoe_activation;
+
+/* --- runtime configuration ------------------------------------------------------------ */
+int numoe_best_isa(void);                 /* highest ISA this CPU supports */
+int numoe_set_isa(int isa);               /* select; clamps to best; returns the ISA in use */
+int numoe_get_isa(void);
+void numoe_set_threads(int n_threads);    /* OpenMP threads for every call below */
+int numoe_get_threads(void);
+
+/* --- sizes ------------------------------------------------------------------------------ */
+int64_t numoe_block_size(int type);       /* elements per block; <= 0 if unsupported */
+int64_t numoe_block_bytes(int type);      /* bytes per block;    <= 0 if unsupported */
+int64_t numoe_row_bytes(int type, int64_t n);
+
+/* --- (a) dequantize: n_rows rows of n elements each, dst [n_rows, n] ---------------------- */
+int numoe_dequantize_rows(int type, const void *src, float *dst, int64_t n_rows, int64_t n);
+
+/* --- (b) products: y[t, o] = sum_i W[o, i] * x[t, i] -------------------------------------
+ * Integer types quantize x to 8-bit blocks first. n_tokens == 1 is the decode matrix-vector
+ * path; n_tokens > 1 the prompt matrix-matrix path. Threads split the output rows. */
+int numoe_matmul(int type, const void *weight, int64_t n_out, int64_t n_in,
+                 const float *x, int64_t n_tokens, float *y);
+
+/* --- (c) fused MoE block for one layer ---------------------------------------------------
+ *   x               [n_tokens, n_embd]            input hidden states
+ *   expert_ids      [n_tokens, n_used]            int32, each in [0, n_experts)
+ *   expert_weights  [n_tokens, n_used]            router weights, already normalised
+ *   gate, up        [n_experts, n_ff, n_embd]     types gate_type/up_type, expert-major
+ *   down            [n_experts, n_embd, n_ff]     type down_type
+ *   y               [n_tokens, n_embd]            y[t] = sum_k w[t,k] * down_e(act(gate_e x) * up_e x)
+ * y is overwritten. One call per layer; experts are grouped and threaded inside. */
+int numoe_moe(const float *x, int64_t n_tokens, int64_t n_embd,
+              const int32_t *expert_ids, const float *expert_weights, int64_t n_used,
+              int64_t n_experts, int64_t n_ff,
+              int gate_type, const void *gate, int up_type, const void *up,
+              int down_type, const void *down, int activation, float *y);
+
+/* --- probes ------------------------------------------------------------------------------ */
+/* Streams `bytes` bytes of `buf` `repeats` times with the current threads; returns the sum of
+ * the data read (so the compiler cannot skip the reads). Used to measure read bandwidth in the
+ * same process as the kernels. */
+double numoe_read_probe(const void *buf, int64_t bytes, int repeats);

@@ -1,0 +1,1 @@
+"""numoe workers: layers and compute backends."""

@@ -1,0 +1,1 @@
+"""Model layers: attention, MoE, norms, RoPE."""
