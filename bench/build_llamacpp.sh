@@ -4,7 +4,7 @@
 # cached: a second run with the same version does nothing.
 #   out: $NUMOE_LLAMACPP_DIR (default ~/.cache/numoe/llama-cpp-python-$VERSION)
 #        src/      the unpacked source package (llama_cpp python bindings, vendor/llama.cpp)
-#        build/bin llama-quantize, llama-perplexity, llama-bench, llama-tokenize, llama-cli,
+#        build/bin llama-quantize, llama-perplexity, llama-bench, llama-tokenize,
 #                  libllama.so and the ggml libraries (the bindings load them via LLAMA_CPP_LIB_PATH)
 set -euo pipefail
 VERSION="${NUMOE_LLAMACPP_VERSION:-0.3.36}"
@@ -28,7 +28,7 @@ cmake -S "$OUT/src/vendor/llama.cpp" -B "$OUT/build" -DCMAKE_BUILD_TYPE=Release 
   -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=ON -DLLAMA_OPENSSL=OFF >"$OUT/cmake.log" 2>&1 \
   || { tail -30 "$OUT/cmake.log"; exit 1; }
 cmake --build "$OUT/build" -j "$(nproc)" --target llama-quantize llama-perplexity llama-bench \
-  llama-tokenize llama-cli llama-simple >"$OUT/build.log" 2>&1 \
+  llama-tokenize >"$OUT/build.log" 2>&1 \
   || { tail -30 "$OUT/build.log"; exit 1; }
 touch "$STAMP"
 echo "llama.cpp reference built in $OUT"
