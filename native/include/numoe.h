@@ -52,6 +52,7 @@ int numoe_get_threads(void);
 int64_t numoe_block_size(int type);       /* elements per block; <= 0 if unsupported */
 int64_t numoe_block_bytes(int type);      /* bytes per block;    <= 0 if unsupported */
 int64_t numoe_row_bytes(int type, int64_t n);
+int numoe_type_supported(int type);      /* 1 if dequantize and products have kernels */
 
 /* --- (a) dequantize: n_rows rows of n elements each, dst [n_rows, n] ---------------------- */
 int numoe_dequantize_rows(int type, const void *src, float *dst, int64_t n_rows, int64_t n);

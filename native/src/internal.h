@@ -68,4 +68,13 @@ void numoe_fill_kquants_avx512(numoe_kernel_table *t);
 float numoe_half_to_float(numoe_half h);
 numoe_half numoe_float_to_half(float f);
 
+/* --- runtime shared by the entry points (dispatch.c, types.c) ---------------------------- */
+/* The kernel table of the ISA in use; always complete for the types that have a scalar
+ * reference (lower-ISA entries fill the gaps). */
+const numoe_kernel_table *numoe_active_table(void);
+/* OpenMP threads every entry point uses (numoe_set_threads). */
+int numoe_active_threads(void);
+/* 1 if the type's vec_dot takes block_q8a activations, 0 if it takes f32 activations. */
+int numoe_type_uses_q8a(int type);
+
 #endif

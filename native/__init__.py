@@ -1,0 +1,1 @@
+"""numoe native kernels (C, bound with cffi in API mode). The Python face is native.kernels."""

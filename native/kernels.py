@@ -1,0 +1,264 @@
+"""Python face of the native kernels: numpy arrays in, numpy arrays out.
+
+Weights are passed to C through `ffi.from_buffer`, never copied: a slice of a GGUF memmap goes
+straight in. Sizes are checked here, before the call, so a wrong buffer is a ValueError naming
+the problem instead of a read past the end. Negative status codes from C become exceptions.
+
+These functions run about ten times per layer per token, so the argument checks are plain
+attribute reads and arithmetic, and arrays that are already C-contiguous float32 are not copied.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import numpy as np
+
+from cluster.errors import UnsupportedQuantTypeError
+from native._numoe_native import ffi, lib
+
+IsaName = Literal["scalar", "avx2", "avx512"]
+ActivationName = Literal["silu", "gelu_tanh"]
+
+_ISA_BY_NAME: dict[str, int] = {
+    "scalar": lib.NUMOE_ISA_SCALAR,
+    "avx2": lib.NUMOE_ISA_AVX2,
+    "avx512": lib.NUMOE_ISA_AVX512,
+}
+_ISA_NAME = {value: name for name, value in _ISA_BY_NAME.items()}
+_ACTIVATION_BY_NAME: dict[str, int] = {
+    "silu": lib.NUMOE_ACT_SILU,
+    "gelu_tanh": lib.NUMOE_ACT_GELU_TANH,
+}
+# ggml type ids the C side knows block sizes for (numoe.h's numoe_type).
+TYPE_NAMES: dict[int, str] = {
+    lib.NUMOE_TYPE_F32: "F32",
+    lib.NUMOE_TYPE_F16: "F16",
+    lib.NUMOE_TYPE_BF16: "BF16",
+    lib.NUMOE_TYPE_Q8_0: "Q8_0",
+    lib.NUMOE_TYPE_Q4_0: "Q4_0",
+    lib.NUMOE_TYPE_Q5_0: "Q5_0",
+    lib.NUMOE_TYPE_Q4_K: "Q4_K",
+    lib.NUMOE_TYPE_Q5_K: "Q5_K",
+    lib.NUMOE_TYPE_Q6_K: "Q6_K",
+}
+# (elements per block, bytes per block), read once from C.
+_BLOCK: dict[int, tuple[int, int]] = {
+    t: (int(lib.numoe_block_size(t)), int(lib.numoe_block_bytes(t))) for t in TYPE_NAMES
+}
+_F32 = np.dtype(np.float32)
+_I32 = np.dtype(np.int32)
+
+
+# --- runtime configuration ----------------------------------------------------------------
+
+
+def best_isa() -> IsaName:
+    """The widest instruction set this CPU supports."""
+    return _ISA_NAME[lib.numoe_best_isa()]  # type: ignore[return-value]
+
+
+def set_isa(name: IsaName) -> IsaName:
+    """Selects the kernels' instruction set (clamped to best_isa()); returns the one in use."""
+    if name not in _ISA_BY_NAME:
+        raise ValueError(f"unknown ISA {name!r}; choose one of {sorted(_ISA_BY_NAME)}")
+    return _ISA_NAME[lib.numoe_set_isa(_ISA_BY_NAME[name])]  # type: ignore[return-value]
+
+
+def get_isa() -> IsaName:
+    return _ISA_NAME[lib.numoe_get_isa()]  # type: ignore[return-value]
+
+
+def set_threads(n_threads: int) -> None:
+    """OpenMP threads for every kernel call from now on (at least 1)."""
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    lib.numoe_set_threads(int(n_threads))
+
+
+def get_threads() -> int:
+    return int(lib.numoe_get_threads())
+
+
+# --- sizes ------------------------------------------------------------------------------
+
+
+def _block(ggml_type: int) -> tuple[int, int]:
+    block = _BLOCK.get(ggml_type)
+    if block is None:
+        raise UnsupportedQuantTypeError(
+            f"ggml type id {int(ggml_type)} has no native kernel; supported types: "
+            f"{', '.join(TYPE_NAMES.values())}. Requantize the model to one of them."
+        )
+    return block
+
+
+def block_size(ggml_type: int) -> int:
+    """Elements per block of `ggml_type`."""
+    return _block(ggml_type)[0]
+
+
+def block_bytes(ggml_type: int) -> int:
+    """Bytes per block of `ggml_type`."""
+    return _block(ggml_type)[1]
+
+
+def row_bytes(ggml_type: int, n: int) -> int:
+    """Bytes of one row of n elements; n must be a positive multiple of the block size."""
+    size, nbytes = _block(ggml_type)
+    if n <= 0 or n % size:
+        raise ValueError(
+            f"a {TYPE_NAMES[ggml_type]} row must hold a positive multiple of {size} elements, "
+            f"got {n}"
+        )
+    return n // size * nbytes
+
+
+def type_supported(ggml_type: int) -> bool:
+    """True if dequantize, matmul and moe have kernels for `ggml_type`."""
+    return ggml_type in _BLOCK and bool(lib.numoe_type_supported(int(ggml_type)))
+
+
+# --- argument plumbing ------------------------------------------------------------------
+
+
+def _weight_buffer(data: Any, needed: int, what: str) -> Any:
+    """A cffi view of `data` (no copy) after checking it is contiguous and large enough."""
+    if isinstance(data, np.ndarray):
+        if not data.flags.c_contiguous:
+            raise ValueError(f"{what} buffer must be C-contiguous (pass the raw GGUF bytes)")
+        nbytes = data.nbytes
+    else:
+        nbytes = memoryview(data).nbytes
+    if nbytes < needed:
+        raise ValueError(f"{what} buffer holds {nbytes} bytes, the shape needs {needed}")
+    return ffi.from_buffer(data)
+
+
+def _as_f32(x: np.ndarray) -> np.ndarray:
+    if x.dtype == _F32 and x.flags.c_contiguous:
+        return x
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _check_status(status: int, call: str) -> None:
+    if status >= 0:
+        return
+    if status == lib.NUMOE_EBADTYPE:
+        raise UnsupportedQuantTypeError(
+            f"{call}: the native library has no kernel for this type; supported types: "
+            f"{', '.join(t for i, t in TYPE_NAMES.items() if type_supported(i))}"
+        )
+    if status == lib.NUMOE_EBADSHAPE:
+        raise ValueError(f"{call}: bad shape (sizes must be positive multiples of the block "
+                         "size) or the scratch memory could not be allocated")
+    raise ValueError(f"{call}: bad argument (status {status}), e.g. an expert id out of range")
+
+
+# --- operations -------------------------------------------------------------------------
+
+
+def dequantize(ggml_type: int, data: Any, n_rows: int, n: int) -> np.ndarray:
+    """n_rows rows of n elements from raw GGUF bytes -> float32 [n_rows, n]."""
+    if n_rows < 0:
+        raise ValueError(f"dequantize: n_rows must be >= 0, got {n_rows}")
+    src = _weight_buffer(data, n_rows * row_bytes(ggml_type, n), "dequantize")
+    out = np.empty((n_rows, n), np.float32)  # [n_rows, n]
+    status = lib.numoe_dequantize_rows(ggml_type, src, ffi.from_buffer("float[]", out), n_rows, n)
+    _check_status(status, "dequantize")
+    return out
+
+
+def matmul(ggml_type: int, weight: Any, n_out: int, n_in: int, x: np.ndarray) -> np.ndarray:
+    """y = x @ W^T for W [n_out, n_in] in GGUF layout; x [T, n_in] or [n_in] -> [T, n_out] or
+    [n_out]. Integer types quantize x to 8-bit blocks first."""
+    x = _as_f32(x)
+    if x.ndim not in (1, 2) or x.shape[-1] != n_in:
+        raise ValueError(f"matmul: x must be [T, {n_in}] or [{n_in}], got {list(x.shape)}")
+    if n_out <= 0:
+        raise ValueError(f"matmul: n_out must be positive, got {n_out}")
+    w = _weight_buffer(weight, n_out * row_bytes(ggml_type, n_in), "matmul weight")
+    n_tokens = 1 if x.ndim == 1 else x.shape[0]
+    y = np.empty(x.shape[:-1] + (n_out,), np.float32)  # [T, n_out] or [n_out]
+    if n_tokens == 0:
+        return y
+    status = lib.numoe_matmul(ggml_type, w, n_out, n_in, ffi.from_buffer("float[]", x),
+                              n_tokens, ffi.from_buffer("float[]", y))
+    _check_status(status, "matmul")
+    return y
+
+
+def moe(
+    x: np.ndarray,
+    expert_ids: np.ndarray,
+    expert_weights: np.ndarray,
+    *,
+    gate: tuple[int, Any],
+    up: tuple[int, Any],
+    down: tuple[int, Any],
+    n_experts: int,
+    n_ff: int,
+    activation: ActivationName,
+) -> np.ndarray:
+    """Routed-expert FFN of one layer in one native call.
+
+    x [T, H] float32; expert_ids [T, K] int32 in [0, n_experts); expert_weights [T, K];
+    gate/up: (ggml type, bytes of [n_experts, n_ff, H]); down: (type, bytes of
+    [n_experts, H, n_ff]). Returns y [T, H], y[t] = sum_k w[t,k] * down_e(act(gate_e x)*up_e x).
+    """
+    x = _as_f32(x)
+    if x.ndim != 2:
+        raise ValueError(f"moe: x must be [T, H], got shape {list(x.shape)}")
+    n_tokens, n_embd = x.shape
+    if expert_ids.dtype != _I32 or not expert_ids.flags.c_contiguous:
+        expert_ids = np.ascontiguousarray(expert_ids, dtype=np.int32)
+    expert_weights = _as_f32(expert_weights)
+    if expert_ids.ndim != 2 or expert_ids.shape[0] != n_tokens:
+        raise ValueError(f"moe: expert_ids must be [{n_tokens}, K], got {list(expert_ids.shape)}")
+    if expert_weights.shape != expert_ids.shape:
+        raise ValueError(f"moe: expert_weights {list(expert_weights.shape)} must match "
+                         f"expert_ids {list(expert_ids.shape)}")
+    n_used = expert_ids.shape[1]
+    act = _ACTIVATION_BY_NAME.get(activation)
+    if act is None:
+        raise ValueError(f"moe: unknown activation {activation!r}; "
+                         f"choose one of {sorted(_ACTIVATION_BY_NAME)}")
+    if n_experts <= 0 or n_ff <= 0 or n_used <= 0:
+        raise ValueError(f"moe: n_experts ({n_experts}), n_ff ({n_ff}) and K ({n_used}) "
+                         "must be positive")
+    (gate_type, gate_data), (up_type, up_data), (down_type, down_data) = gate, up, down
+    gate_buf = _weight_buffer(gate_data, n_experts * n_ff * row_bytes(gate_type, n_embd), "gate")
+    up_buf = _weight_buffer(up_data, n_experts * n_ff * row_bytes(up_type, n_embd), "up")
+    down_buf = _weight_buffer(down_data, n_experts * n_embd * row_bytes(down_type, n_ff), "down")
+    y = np.empty((n_tokens, n_embd), np.float32)  # [T, H]
+    status = lib.numoe_moe(
+        ffi.from_buffer("float[]", x), n_tokens, n_embd,
+        ffi.from_buffer("int32_t[]", expert_ids), ffi.from_buffer("float[]", expert_weights),
+        n_used, n_experts, n_ff,
+        gate_type, gate_buf, up_type, up_buf, down_type, down_buf, act,
+        ffi.from_buffer("float[]", y),
+    )
+    if status == lib.NUMOE_EBADARG:
+        raise ValueError(f"moe: expert ids must lie in [0, {n_experts}); got min "
+                         f"{int(expert_ids.min())}, max {int(expert_ids.max())}")
+    _check_status(status, "moe")
+    return y
+
+
+def read_probe(buf: Any, repeats: int = 3, warm_up: bool = True) -> float:
+    """Streams `buf` `repeats` times with the current threads; returns the read rate in GB/s
+    (1e9 bytes per second), the ceiling a weight-streaming kernel can reach. The warm-up pass
+    (page faults, TLB) is not timed; skip it when the buffer was just read."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    data = ffi.from_buffer(buf)
+    nbytes = len(data)
+    if nbytes == 0:
+        raise ValueError("read_probe needs a non-empty buffer")
+    if warm_up:
+        lib.numoe_read_probe(data, nbytes, 1)
+    start = time.perf_counter()
+    lib.numoe_read_probe(data, nbytes, repeats)
+    elapsed = time.perf_counter() - start
+    return nbytes * repeats / elapsed / 1e9

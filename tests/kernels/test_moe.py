@@ -1,0 +1,166 @@
+"""numoe_moe against a float64 numpy MoE on gguf-py-dequantized weights.
+
+Bounds, relative to the largest |y_ref| of the batch: 1e-4 for float weight types (only
+float32 rounding), 3e-2 for integer types (x and the hidden activations are rounded to 8-bit
+blocks, about 0.4% each, and the errors of thousands of terms add up). A wrong expert, a
+wrong routing weight or a wrong activation gives errors of the order of y itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QType
+
+from cluster.errors import UnsupportedQuantTypeError
+from native import kernels
+from tests.kernels.blocks import (
+    ALL_TYPES,
+    INTEGER_TYPES,
+    kernel_settings,
+    random_weight,
+    type_param,
+)
+
+N_EMBD, N_FF, N_EXPERTS, N_USED = 256, 512, 4, 2
+
+
+def _silu(v: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # exp(-v) -> inf for very negative v: silu -> -0
+        return v / (1.0 + np.exp(-v))
+
+
+def _gelu_tanh(v: np.ndarray) -> np.ndarray:
+    return 0.5 * v * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (v + 0.044715 * v**3)))
+
+
+def moe_reference(x, expert_ids, expert_weights, gate, up, down, activation) -> np.ndarray:
+    """float64 MoE: x [T, H], ids/weights [T, K], gate/up [E, F, H], down [E, H, F] -> [T, H]."""
+    act = _silu if activation == "silu" else _gelu_tanh
+    x = x.astype(np.float64)
+    y = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, w in zip(expert_ids[t], expert_weights[t], strict=True):
+            hidden = act(gate[e] @ x[t]) * (up[e] @ x[t])  # [F]
+            y[t] += w * (down[e] @ hidden)
+    return y
+
+
+class Experts:
+    """Random expert weights of the given types: raw GGUF bytes and their float values."""
+
+    def __init__(self, gate_type: QType, up_type: QType, down_type: QType, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.types = (gate_type, up_type, down_type)
+        self.gate_raw, gate = random_weight(gate_type, N_EXPERTS * N_FF, N_EMBD, rng)
+        self.up_raw, up = random_weight(up_type, N_EXPERTS * N_FF, N_EMBD, rng)
+        self.down_raw, down = random_weight(down_type, N_EXPERTS * N_EMBD, N_FF, rng)
+        self.gate = gate.reshape(N_EXPERTS, N_FF, N_EMBD)
+        self.up = up.reshape(N_EXPERTS, N_FF, N_EMBD)
+        self.down = down.reshape(N_EXPERTS, N_EMBD, N_FF)
+
+    def run(self, x, expert_ids, expert_weights, activation="silu") -> np.ndarray:
+        return kernels.moe(
+            x, expert_ids, expert_weights,
+            gate=(int(self.types[0]), self.gate_raw), up=(int(self.types[1]), self.up_raw),
+            down=(int(self.types[2]), self.down_raw),
+            n_experts=N_EXPERTS, n_ff=N_FF, activation=activation,
+        )
+
+    def reference(self, x, expert_ids, expert_weights, activation="silu") -> np.ndarray:
+        return moe_reference(x, expert_ids, expert_weights, self.gate, self.up, self.down,
+                             activation)
+
+    @property
+    def tolerance(self) -> float:
+        return 3e-2 if any(t in INTEGER_TYPES for t in self.types) else 1e-4
+
+
+def routing(n_tokens: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct experts per token and softmax-like positive weights: ids, weights [T, K]."""
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.permutation(N_EXPERTS)[:N_USED] for _ in range(n_tokens)])
+    weights = rng.uniform(0.1, 1.0, (n_tokens, N_USED))
+    return ids.astype(np.int32), (weights / weights.sum(1, keepdims=True)).astype(np.float32)
+
+
+def _inputs(n_tokens: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x = np.random.default_rng(seed).standard_normal((n_tokens, N_EMBD)).astype(np.float32)
+    return (x, *routing(n_tokens, seed))  # [T, H], [T, K], [T, K]
+
+
+def assert_close(y: np.ndarray, reference: np.ndarray, tolerance: float) -> None:
+    error = np.abs(y - reference).max() / np.abs(reference).max()
+    assert error <= tolerance, f"relative error {error:.2e} > {tolerance:.0e}"
+
+
+@pytest.mark.parametrize("n_tokens", [1, 5])
+@pytest.mark.parametrize("qtype", [type_param(t) for t in ALL_TYPES])
+def test_moe_matches_float64_reference(qtype: QType, n_tokens: int) -> None:
+    experts = Experts(qtype, qtype, qtype, seed=int(qtype))
+    x, ids, weights = _inputs(n_tokens, seed=n_tokens)
+    y = experts.run(x, ids, weights)
+    assert y.shape == (n_tokens, N_EMBD) and y.dtype == np.float32
+    assert_close(y, experts.reference(x, ids, weights), experts.tolerance)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize(
+    "types",
+    [
+        pytest.param((QType.Q8_0, QType.Q5_0, QType.F16), id="Q8_0-Q5_0-F16"),
+        pytest.param((QType.BF16, QType.F32, QType.Q4_0), id="BF16-F32-Q4_0"),
+        pytest.param((QType.Q4_K, QType.Q4_K, QType.Q6_K), id="Q4_K-Q4_K-Q6_K",
+                     marks=[] if kernels.type_supported(int(QType.Q4_K))
+                     and kernels.type_supported(int(QType.Q6_K))
+                     else [pytest.mark.skip(reason="no native K-quant kernels yet")]),
+    ],
+)
+def test_moe_mixed_types_and_activations(
+    types: tuple[QType, QType, QType], activation: str
+) -> None:
+    experts = Experts(*types, seed=7)
+    x, ids, weights = _inputs(6, seed=8)
+    y = experts.run(x, ids, weights, activation)
+    assert_close(y, experts.reference(x, ids, weights, activation), experts.tolerance)
+
+
+def test_moe_repeated_expert_and_unused_experts() -> None:
+    """All tokens on one expert (others idle), one token picking the same expert twice."""
+    experts = Experts(QType.F32, QType.F32, QType.F32, seed=9)
+    x, _, weights = _inputs(3, seed=10)
+    ids = np.array([[2, 2], [2, 0], [0, 2]], np.int32)
+    assert_close(experts.run(x, ids, weights), experts.reference(x, ids, weights), 1e-4)
+
+
+@pytest.mark.parametrize("n_tokens", [1, 6])
+def test_moe_thread_count_does_not_change_results(n_tokens: int) -> None:
+    experts = Experts(QType.Q8_0, QType.Q8_0, QType.BF16, seed=11)
+    x, ids, weights = _inputs(n_tokens, seed=12)
+    with kernel_settings(threads=1):
+        one = experts.run(x, ids, weights)
+    with kernel_settings(threads=2):
+        two = experts.run(x, ids, weights)
+    np.testing.assert_array_equal(one, two)
+
+
+def test_moe_rejects_bad_arguments() -> None:
+    experts = Experts(QType.Q8_0, QType.Q8_0, QType.Q8_0, seed=13)
+    x, ids, weights = _inputs(2, seed=14)
+    for bad in (N_EXPERTS, -1):
+        bad_ids = ids.copy()
+        bad_ids[1, 0] = bad
+        with pytest.raises(ValueError, match="expert ids"):
+            experts.run(x, bad_ids, weights)
+    with pytest.raises(ValueError, match="activation"):
+        experts.run(x, ids, weights, activation="relu")
+    with pytest.raises(ValueError, match="must match"):
+        experts.run(x, ids, weights[:, :1])
+    with pytest.raises(ValueError, match="gate buffer"):
+        kernels.moe(x, ids, weights, gate=(int(QType.Q8_0), experts.gate_raw[:-1]),
+                    up=(int(QType.Q8_0), experts.up_raw), down=(int(QType.Q8_0), experts.down_raw),
+                    n_experts=N_EXPERTS, n_ff=N_FF, activation="silu")
+    with pytest.raises(UnsupportedQuantTypeError):
+        kernels.moe(x, ids, weights, gate=(3, experts.gate_raw),  # 3 = Q4_1, no kernel
+                    up=(int(QType.Q8_0), experts.up_raw), down=(int(QType.Q8_0), experts.down_raw),
+                    n_experts=N_EXPERTS, n_ff=N_FF, activation="silu")
