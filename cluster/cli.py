@@ -1,0 +1,150 @@
+"""The `numoe` command line. Flags follow llama.cpp's names so users can carry their habits over.
+
+    numoe generate [MODEL.gguf] -p "Once upon a time" -n 64 -t 2
+
+Subcommands are argparse sub-parsers; each has a `_run_<name>(args) -> int` handler. User errors
+(NumoeError) print one line on stderr and exit 1; tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from cluster.errors import NumoeError
+
+if TYPE_CHECKING:
+    from cluster.engine import GenerationStats
+
+# llama.cpp's sampling defaults (common/common.h), so `numoe generate` behaves like llama-cli.
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_K = 40
+DEFAULT_TOP_P = 0.95
+DEFAULT_MIN_P = 0.05
+DEFAULT_REPEAT_PENALTY = 1.0
+
+
+def _default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="numoe", description="NUMA-aware inference for Mixture-of-Experts models in GGUF"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser(
+        "generate", help="generate text from a prompt, streamed to stdout",
+        description="Generate text from a prompt. Timings go to stderr.",
+    )
+    generate.add_argument(
+        "model", nargs="?", default=None,
+        help="GGUF model file (default: the embedded Gemma 3 270M Q4_K_M)",
+    )
+    generate.add_argument("-m", "--model", dest="model_flag", default=None,
+                          help="GGUF model file (same as the positional MODEL)")
+    generate.add_argument("-p", "--prompt", required=True, help="prompt text")
+    generate.add_argument("-n", "--n-predict", type=int, default=64,
+                          help="tokens to generate at most (default: %(default)s)")
+    generate.add_argument("-t", "--threads", type=int, default=None,
+                          help="compute threads (default: the CPUs this process may use)")
+    generate.add_argument("-c", "--ctx-size", type=int, default=None,
+                          help="context size in tokens (default: min(4096, the model's))")
+    generate.add_argument("--temp", type=float, default=DEFAULT_TEMPERATURE,
+                          help="temperature, 0 = greedy (default: %(default)s)")
+    generate.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                          help="top-k, 0 = off (default: %(default)s)")
+    generate.add_argument("--top-p", type=float, default=DEFAULT_TOP_P,
+                          help="top-p, 1 = off (default: %(default)s)")
+    generate.add_argument("--min-p", type=float, default=DEFAULT_MIN_P,
+                          help="min-p, 0 = off (default: %(default)s)")
+    generate.add_argument("--repeat-penalty", type=float, default=DEFAULT_REPEAT_PENALTY,
+                          help="repetition penalty over the last 64 tokens, 1 = off "
+                               "(default: %(default)s)")
+    generate.add_argument("--seed", type=int, default=-1,
+                          help="sampling seed, -1 = random (default: %(default)s)")
+    generate.add_argument("--backend", choices=("cpu", "numpy"), default="cpu",
+                          help="compute backend (default: %(default)s)")
+    generate.add_argument("--isa", choices=("scalar", "avx2", "avx512"), default=None,
+                          help="force a kernel instruction set (default: the best available)")
+    generate.set_defaults(handler=_run_generate)
+    return parser
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    # Imported here so `numoe --help` stays instant.
+    from cluster.engine import DEFAULT_CTX, Engine  # noqa: PLC0415
+    from cluster.sampling import SamplingParams  # noqa: PLC0415
+
+    if args.model and args.model_flag and args.model != args.model_flag:
+        raise NumoeError("two different models given (MODEL and -m); pass only one")
+    if args.threads is not None and args.threads <= 0:
+        raise NumoeError(f"-t/--threads {args.threads} must be a positive number of threads")
+    if args.n_predict < 0:
+        raise NumoeError(f"-n/--n-predict {args.n_predict} must be >= 0")
+    model_path = args.model or args.model_flag
+    if model_path is None:
+        from cluster.default_model import default_model_path  # noqa: PLC0415
+
+        model_path = default_model_path(progress=True)
+    sampling = SamplingParams(
+        temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repeat_penalty, seed=None if args.seed < 0 else args.seed,
+    )
+    threads = args.threads if args.threads is not None else _default_threads()
+    with Engine(model_path, backend=args.backend, n_threads=threads,
+                n_ctx=args.ctx_size or DEFAULT_CTX, isa=args.isa) as engine:
+        generation = engine.generate(args.prompt, max_tokens=args.n_predict, sampling=sampling)
+        for piece in generation:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        stats = generation.stats
+        _print_timings(engine.load_seconds, stats, threads, args.backend)
+    return 0
+
+
+def _print_timings(load_seconds: float, stats: GenerationStats, threads: int,
+                   backend: str) -> None:
+    def line(label: str, seconds: float, count: int, unit: str, rate: float) -> str:
+        per_token_ms = 1000 * seconds / count if count else 0.0
+        return (f"numoe: {label:>15} = {1000 * seconds:10.2f} ms / {count:5d} {unit} "
+                f"({per_token_ms:8.2f} ms per token, {rate:8.2f} tokens per second)")
+
+    err = sys.stderr
+    print(f"numoe: {'load time':>15} = {1000 * load_seconds:10.2f} ms "
+          f"(backend {backend}, {threads} threads)", file=err)
+    print(line("prompt eval time", stats.prompt_seconds, stats.prompt_tokens, "tokens",
+               stats.prompt_tokens_per_s), file=err)
+    print(line("eval time", stats.generation_seconds, stats.decode_steps, "runs  ",
+               stats.generation_tokens_per_s), file=err)
+    print(f"numoe: {'generated':>15} = {stats.generated_tokens} tokens "
+          f"(stopped by {stats.stop_reason or 'nothing'})", file=err)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except NumoeError as error:
+        message = " ".join(str(error).split())  # one line, whatever the message holds
+        print(f"numoe: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("numoe: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `numoe generate ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Grouped-query attention over a preallocated KV cache, causal, with an optional sliding window.
+
+KV cache layout is head-major, [n_layers, n_kv_heads, n_ctx, head_dim], rather than
+[n_layers, n_ctx, n_kv_heads, head_dim]: each KV head's keys are then one contiguous
+[n_ctx, head_dim] block, so q @ K^T for a head group is a plain strided matmul with no copy,
+and a worker that owns a subset of KV heads (tensor parallel by head group) owns a contiguous
+slice of the cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class KVCache:
+    """Keys and values of every layer for positions [0, n_ctx)."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int,
+                 value_head_dim: int, dtype: np.dtype) -> None:
+        self.n_ctx = n_ctx
+        self.keys = np.zeros((n_layers, n_kv_heads, n_ctx, head_dim), dtype)  # [L, Hkv, C, d]
+        self.values = np.zeros((n_layers, n_kv_heads, n_ctx, value_head_dim), dtype)  # [L,Hkv,C,dv]
+
+    @property
+    def n_bytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+def attention(
+    q: np.ndarray,
+    k_new: np.ndarray,
+    v_new: np.ndarray,
+    cache: KVCache,
+    layer: int,
+    start: int,
+    scale: float,
+    sliding_window: int = 0,
+) -> np.ndarray:
+    """Attend T new queries at positions [start, start + T) to every visible cached key.
+
+    q [T, n_heads, d], k_new [T, n_kv, d], v_new [T, n_kv, dv] (already normed and roped).
+    Query head h reads KV head h // (n_heads / n_kv), as in llama.cpp and transformers.
+    A key at p0 is visible from a query at p1 iff p0 <= p1 and (no window or p1 - p0 < window).
+    Returns [T, n_heads * dv].
+    """
+    n_tokens, n_heads, head_dim = q.shape
+    n_kv = k_new.shape[1]
+    group = n_heads // n_kv
+    end = start + n_tokens
+    cache.keys[layer, :, start:end] = k_new.transpose(1, 0, 2)
+    cache.values[layer, :, start:end] = v_new.transpose(1, 0, 2)
+
+    # The first key any of the new queries can see: older keys fall outside every window.
+    first = max(0, start - sliding_window + 1) if sliding_window > 0 else 0
+    keys = cache.keys[layer, :, first:end]  # [n_kv, S, d]
+    values = cache.values[layer, :, first:end]  # [n_kv, S, dv]
+    n_keys = end - first
+
+    # Rows of each KV head's query block are ordered (head in group, token).
+    q_grouped = q.reshape(n_tokens, n_kv, group, head_dim).transpose(1, 2, 0, 3)
+    q_grouped = q_grouped.reshape(n_kv, group * n_tokens, head_dim)  # [n_kv, G*T, d]
+    scores = np.matmul(q_grouped, keys.transpose(0, 2, 1))  # [n_kv, G*T, S]
+    scores *= scale
+
+    if n_tokens > 1 or (sliding_window > 0 and start - first + 1 > sliding_window):
+        query_pos = np.arange(start, end)[:, None]  # [T, 1]
+        key_pos = np.arange(first, end)[None, :]  # [1, S]
+        visible = key_pos <= query_pos  # [T, S]
+        if sliding_window > 0:
+            visible &= query_pos - key_pos < sliding_window
+        scores4 = scores.reshape(n_kv, group, n_tokens, n_keys)
+        scores4[:, :, ~visible] = -np.inf
+
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    out = np.matmul(scores, values)  # [n_kv, G*T, dv]
+    out = out.reshape(n_kv, group, n_tokens, -1).transpose(2, 0, 1, 3)  # [T, n_kv, G, dv]
+    return out.reshape(n_tokens, -1)  # [T, n_heads * dv]
