@@ -172,7 +172,9 @@ def dequantize(ggml_type: int, data: Any, n_rows: int, n: int) -> np.ndarray:
 
 def matmul(ggml_type: int, weight: Any, n_out: int, n_in: int, x: np.ndarray) -> np.ndarray:
     """y = x @ W^T for W [n_out, n_in] in GGUF layout; x [T, n_in] or [n_in] -> [T, n_out] or
-    [n_out]. Integer types quantize x to 8-bit blocks first."""
+    [n_out]. For few tokens, integer types quantize x to 8-bit blocks (decode path); from
+    numoe_gemm_min_tokens (native/src/gemm.h: 4 to 12 by type, at most 12) on, weights are
+    dequantized in tiles and x stays float32 (prompt path, more accurate)."""
     x = _as_f32(x)
     if x.ndim not in (1, 2) or x.shape[-1] != n_in:
         raise ValueError(f"matmul: x must be [T, {n_in}] or [{n_in}], got {list(x.shape)}")

@@ -1,4 +1,5 @@
-/* Kernel tables per ISA, chosen once at load from CPU flags; thread count.
+/* Kernel tables per ISA, chosen once at load from CPU flags; the prompt-path GEMM
+ * micro-kernel of the ISA in use; thread count.
  *
  * Each ISA table starts empty, takes what its fill function registers, and inherits every
  * entry left NULL from the table below it, so every table is complete down to the scalar
@@ -7,6 +8,7 @@
 #include <omp.h>
 #include <string.h>
 
+#include "gemm.h"
 #include "internal.h"
 #include "numoe.h"
 
@@ -57,6 +59,17 @@ __attribute__((constructor)) static void numoe_init(void) {
 const numoe_kernel_table *numoe_active_table(void) { return &g_tables[g_isa]; }
 
 int numoe_active_threads(void) { return g_threads; }
+
+/* Not in the kernel table (internal.h is shared): one micro-kernel per ISA, no per-type
+ * entries, so a switch is all it takes. The kernel structs are plain data, safe to hand out
+ * on any CPU; only calling a SIMD tile needs the ISA, and g_isa never exceeds the best. */
+const numoe_gemm_kernel *numoe_active_gemm(void) {
+    switch (g_isa) {
+    case NUMOE_ISA_AVX512: return &numoe_gemm_avx512;
+    case NUMOE_ISA_AVX2: return &numoe_gemm_avx2;
+    default: return &numoe_gemm_scalar;
+    }
+}
 
 int numoe_best_isa(void) { return g_best_isa; }
 

@@ -1,5 +1,6 @@
-/* AVX2 + FMA + F16C kernels: vec_dot for F32, F16, BF16, Q8_0, Q4_0, Q5_0 and the activation
- * quantizer. Compiled with the ISA enabled for this file only (the .so must load on any
+/* AVX2 + FMA + F16C kernels: vec_dot and dequantize for F32, F16, BF16, Q8_0, Q4_0, Q5_0
+ * and the activation quantizer. The AVX-512 table inherits the dequantizers: they feed the
+ * prompt path (gemm.h), where a few percent of its time goes to them. Compiled with the ISA enabled for this file only (the .so must load on any
  * x86-64); dispatch.c calls numoe_fill_table_avx2 only on CPUs that have it.
  *
  * Integer blocks use ggml's sign trick: maddubs wants unsigned x signed bytes, so the dot
@@ -145,6 +146,42 @@ DEFINE_VEC_DOT_FLOAT(vec_dot_f32_avx2, float, load8_f32, one_f32)
 DEFINE_VEC_DOT_FLOAT(vec_dot_f16_avx2, numoe_half, load8_f16, one_f16)
 DEFINE_VEC_DOT_FLOAT(vec_dot_bf16_avx2, numoe_bf16, load8_bf16, one_bf16)
 
+/* --- dequantize: bit-identical to the references (int -> float is exact, then one multiply) */
+
+/* dst[0..31] = d * q for 32 signed bytes q. */
+static inline void store32_scaled(float *dst, __m256i q, float d) {
+    const __m256 scale = _mm256_set1_ps(d);
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    _mm256_storeu_ps(dst, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), scale));
+    _mm256_storeu_ps(dst + 8, _mm256_mul_ps(
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), scale));
+    _mm256_storeu_ps(dst + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), scale));
+    _mm256_storeu_ps(dst + 24, _mm256_mul_ps(
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), scale));
+}
+
+#define DEFINE_DEQUANT_INT(name, block_t, values)                                            \
+    static void name(int64_t n, const void *src, float *dst) {                               \
+        const block_t *w = src;                                                              \
+        for (int64_t b = 0; b < n / 32; b++)                                                 \
+            store32_scaled(dst + 32 * b, values(&w[b]), _cvtsh_ss(w[b].d));                  \
+    }
+
+DEFINE_DEQUANT_INT(dequant_q8_0_avx2, block_q8_0, q8_0_values)
+DEFINE_DEQUANT_INT(dequant_q4_0_avx2, block_q4_0, q4_0_values)
+DEFINE_DEQUANT_INT(dequant_q5_0_avx2, block_q5_0, q5_0_values)
+
+#define DEFINE_DEQUANT_FLOAT(name, elem_t, load8, one)                                       \
+    static void name(int64_t n, const void *src, float *dst) {                               \
+        const elem_t *w = src;                                                               \
+        int64_t i = 0;                                                                       \
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(w + i));                  \
+        for (; i < n; i++) dst[i] = one(w, i);                                               \
+    }
+
+DEFINE_DEQUANT_FLOAT(dequant_f16_avx2, numoe_half, load8_f16, one_f16)
+DEFINE_DEQUANT_FLOAT(dequant_bf16_avx2, numoe_bf16, load8_bf16, one_bf16)
+
 /* --- activation quantizer: bit-identical to numoe_quantize_act_ref ----------------------- */
 
 static void quantize_act_avx2(int64_t n, const float *x, block_q8a *dst) {
@@ -187,5 +224,10 @@ void numoe_fill_table_avx2(numoe_kernel_table *t) {
     t->vec_dot[NUMOE_TYPE_Q8_0] = vec_dot_q8_0_avx2;
     t->vec_dot[NUMOE_TYPE_Q4_0] = vec_dot_q4_0_avx2;
     t->vec_dot[NUMOE_TYPE_Q5_0] = vec_dot_q5_0_avx2;
+    t->dequant[NUMOE_TYPE_F16] = dequant_f16_avx2;
+    t->dequant[NUMOE_TYPE_BF16] = dequant_bf16_avx2;
+    t->dequant[NUMOE_TYPE_Q8_0] = dequant_q8_0_avx2;
+    t->dequant[NUMOE_TYPE_Q4_0] = dequant_q4_0_avx2;
+    t->dequant[NUMOE_TYPE_Q5_0] = dequant_q5_0_avx2;
     numoe_fill_kquants_avx2(t);
 }

@@ -1,15 +1,21 @@
 /* numoe_dequantize_rows and numoe_matmul: argument checks, activation quantization, and the
- * threaded loops over output rows. The per-row work is the dispatch table's vec_dot.
+ * threaded loops over output rows.
  *
  * Decode (one token) streams the weight matrix once: a guided split gives each thread long
  * contiguous runs of rows, which the hardware prefetchers follow best, and still lets a
  * thread that runs ahead (the machine may be shared) take over the shrinking tail.
- * Prompt (many tokens) reuses weights: rows are cut into tiles of ROWS_PER_TILE, and each
- * tile is multiplied with a tile of tokens whose activations fit in L2, so a weight row is
- * read from memory once and then from L1 for every token of the tile. */
+ * Prompt (n_tokens >= numoe_gemm_min_tokens(type), 4 to 12) is compute-bound: the
+ * activations are packed once, and threads take tiles of NUMOE_GEMM_ROW_TILE weight rows,
+ * dequantize each to float32 into their own scratch and multiply it with every token in the
+ * float GEMM micro-kernel (gemm.h). A few tokens (2 up to that threshold) keep the vec_dot per
+ * (row, token): rows are cut into tiles of ROWS_PER_TILE, and each tile is multiplied with a
+ * tile of tokens whose activations fit in L2, so a weight row is read from memory once and
+ * then from L1 for every token of the tile. */
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "gemm.h"
 #include "internal.h"
 #include "numoe.h"
 
@@ -88,6 +94,45 @@ static void matmat(const numoe_kernel_table *table, int type, const uint8_t *wei
     }
 }
 
+static void *alloc_floats(int64_t n) {
+    const size_t bytes = ((size_t)n * sizeof(float) + 63) / 64 * 64;  /* aligned_alloc rule */
+    return aligned_alloc(64, bytes > 0 ? bytes : 64);
+}
+
+/* Prompt path (see the top of the file). Returns NUMOE_EBADSHAPE if scratch is too large. */
+static int matmat_gemm(const numoe_kernel_table *table, int type, const uint8_t *weight,
+                       int64_t row_bytes, int64_t n_out, int64_t n_in, const float *x,
+                       int64_t n_tokens, float *y) {
+    const numoe_gemm_kernel *kernel = numoe_active_gemm();
+    const int n_threads = numoe_active_threads();
+    const int64_t scratch_floats = numoe_gemm_scratch_floats(n_in);
+    float *xp = alloc_floats(numoe_gemm_packed_floats(kernel, n_tokens, n_in));
+    float *scratch = alloc_floats(n_threads * scratch_floats);
+    if (xp == NULL || scratch == NULL) {
+        free(xp);
+        free(scratch);
+        return NUMOE_EBADSHAPE;
+    }
+    numoe_gemm_pack(kernel, x, n_in, NULL, n_tokens, n_in, xp);
+    const int64_t n_tiles = (n_out + NUMOE_GEMM_ROW_TILE - 1) / NUMOE_GEMM_ROW_TILE;
+    const int parallel = n_tiles > 1 && (double)n_out * n_in * n_tokens >= MIN_PARALLEL_BYTES;
+#pragma omp parallel num_threads(n_threads) if (parallel)
+    {
+        float *mine = scratch + omp_get_thread_num() * scratch_floats;
+        /* Dynamic: the machine is shared, and a late thread should not hold the others. */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t tile = 0; tile < n_tiles; tile++) {
+            const int64_t r0 = tile * NUMOE_GEMM_ROW_TILE;
+            const int64_t rows = n_out - r0 < NUMOE_GEMM_ROW_TILE ? n_out - r0 : NUMOE_GEMM_ROW_TILE;
+            numoe_gemm_rows(kernel, table->dequant[type], type, weight + r0 * row_bytes,
+                            row_bytes, rows, n_in, xp, n_tokens, y + r0, n_out, mine);
+        }
+    }
+    free(xp);
+    free(scratch);
+    return NUMOE_OK;
+}
+
 int numoe_matmul(int type, const void *weight, int64_t n_out, int64_t n_in, const float *x,
                  int64_t n_tokens, float *y) {
     if (check_type(type) != NUMOE_OK) return NUMOE_EBADTYPE;
@@ -99,6 +144,8 @@ int numoe_matmul(int type, const void *weight, int64_t n_out, int64_t n_in, cons
     if (n_out <= 0 || n_tokens < 0 || n_out > INT64_MAX / row_bytes) return NUMOE_EBADSHAPE;
     if (n_tokens == 0) return NUMOE_OK;
     if (n_tokens > INT64_MAX / n_out || n_tokens > INT64_MAX / n_in) return NUMOE_EBADSHAPE;
+    if (n_tokens >= numoe_gemm_min_tokens(type) && table->dequant[type] != NULL)
+        return matmat_gemm(table, type, weight, row_bytes, n_out, n_in, x, n_tokens, y);
 
     block_q8a *x_q8a = NULL;
     if (numoe_type_uses_q8a(type)) {

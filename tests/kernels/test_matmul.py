@@ -1,11 +1,13 @@
 """numoe_matmul against float64 numpy on gguf-py-dequantized weights, and SIMD against the
-scalar reference.
+scalar reference, on both paths: decode / few tokens (vec_dot per row and token) and prompt
+(from 4-12 tokens by type: dequantized weight tiles times float32 activations in a GEMM
+micro-kernel; every type takes it from 12 tokens on).
 
 Error bounds, per output y[t, o] with S = sum_i |W[o, i]| |x[t, i]|:
-  * float types (F32, F16, BF16): weights convert exactly, only float32 summation differs:
-    |y - ref| <= 1e-5 * S.
-  * integer types: x is rounded to 8-bit blocks, each element by at most h_i = amax/254 of its
-    block of 32, so |y - ref| <= sum_i |W[o, i]| h_i + 1e-5 * S.
+  * float types (F32, F16, BF16), and every type on the prompt path: weights convert exactly
+    and x stays float32, only float32 summation differs: |y - ref| <= 1e-5 * S.
+  * integer types, few tokens: x is rounded to 8-bit blocks, each element by at most
+    h_i = amax/254 of its block of 32, so |y - ref| <= sum_i |W[o, i]| h_i + 1e-5 * S.
   * SIMD vs scalar: activation blocks are bit-identical on every ISA (same rounding), and
     integer block dots are exact, so only float32 summation order differs: <= 1e-5 * S.
 """
@@ -28,18 +30,21 @@ from tests.kernels.blocks import (
 )
 
 N_OUT, N_IN = 40, 512  # 40 rows: not a multiple of the 16-row tile
+PROMPT_TOKENS = 12  # from here on every type takes the prompt (GEMM) path
 
 
 def _reference_bound(qtype: QType, weight: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Allowed |y - ref| for weight [n_out, n_in] (dequantized), x [T, n_in] -> [T, n_out]."""
     abs_weight = np.abs(weight.astype(np.float64))
     bound = 1e-5 * (np.abs(x.astype(np.float64)) @ abs_weight.T)
-    if qtype in INTEGER_TYPES:
+    if qtype in INTEGER_TYPES and x.shape[0] < PROMPT_TOKENS:
         bound += act_half_step(x.astype(np.float64)) @ abs_weight.T
     return bound
 
 
-@pytest.mark.parametrize("n_tokens", [1, 7])
+# 1: decode; 7: few tokens (integer types keep vec_dot); 37: prompt path, a part-filled token
+# panel on every ISA; 70: over one 64-token AVX-512 panel.
+@pytest.mark.parametrize("n_tokens", [1, 7, 37, 70])
 @pytest.mark.parametrize("qtype", [type_param(t) for t in ALL_TYPES])
 def test_matmul_matches_float64_reference(qtype: QType, n_tokens: int) -> None:
     rng = np.random.default_rng(10 + int(qtype))
@@ -61,7 +66,7 @@ def test_matmul_accepts_one_token_as_a_vector() -> None:
     np.testing.assert_array_equal(y, kernels.matmul(int(QType.Q8_0), raw, N_OUT, N_IN, x[None])[0])
 
 
-@pytest.mark.parametrize("n_tokens", [1, 7])
+@pytest.mark.parametrize("n_tokens", [1, 7, 37])
 @pytest.mark.parametrize("qtype", [type_param(t) for t in ALL_TYPES])
 @pytest.mark.parametrize("isa", [isa_param("avx2"), isa_param("avx512")])
 def test_simd_matches_scalar_reference(isa: str, qtype: QType, n_tokens: int) -> None:
@@ -83,24 +88,31 @@ def test_thread_count_does_not_change_results(qtype: QType) -> None:
     rng = np.random.default_rng(4)
     n_out = 512  # large enough to cross the parallel threshold
     raw, _ = random_weight(qtype, n_out, N_IN, rng)
-    x = rng.standard_normal((7, N_IN)).astype(np.float32)  # [7, N_IN]
+    x = rng.standard_normal((37, N_IN)).astype(np.float32)  # [37, N_IN]
     results = {}
     for threads in (1, 2):
         with kernel_settings(threads=threads):
-            results[threads] = (kernels.matmul(int(qtype), raw, n_out, N_IN, x[0]),
-                                kernels.matmul(int(qtype), raw, n_out, N_IN, x))
-    np.testing.assert_array_equal(results[1][0], results[2][0])
-    np.testing.assert_array_equal(results[1][1], results[2][1])
+            results[threads] = [kernels.matmul(int(qtype), raw, n_out, N_IN, tokens)
+                                for tokens in (x[0], x[:7], x)]  # decode, few, prompt
+    for one, two in zip(results[1], results[2], strict=True):
+        np.testing.assert_array_equal(one, two)
 
 
-@pytest.mark.parametrize("qtype", [type_param(t) for t in [QType.F32, QType.Q8_0]])
-def test_prompt_tiles_equal_token_by_token_products(qtype: QType) -> None:
-    """The prompt path tiles rows x tokens (F32 at n_in 4096 gives 12-token tiles); each
-    output is still one dot product, so it must equal the one-token path exactly."""
+@pytest.mark.parametrize("isa", [isa_param(isa) for isa in ["scalar", "avx2", "avx512"]])
+@pytest.mark.parametrize("qtype", [type_param(t) for t in [QType.F32, QType.Q8_0, QType.Q5_0,
+                                                           QType.Q4_K, QType.Q6_K]])
+def test_prompt_path_odd_shapes_match_float64(qtype: QType, isa: str) -> None:
+    """Long rows (several 128-element k blocks and a partial one where the block size allows),
+    37 rows (not a multiple of the 4-row micro-tile or the 16-row tile), and 65 tokens (a
+    full AVX-512 panel plus one token; AVX2 panels of 24 plus 17): every edge of the tiling,
+    within the float32-activation bound on every ISA."""
     rng = np.random.default_rng(5)
-    n_out, n_in, n_tokens = 37, 4096, 30
-    raw, _ = random_weight(qtype, n_out, n_in, rng)
+    n_in = 4352 if qtype in (QType.Q4_K, QType.Q6_K) else 4128
+    n_out, n_tokens = 37, 65
+    raw, weight = random_weight(qtype, n_out, n_in, rng)  # [n_out * row_bytes], [n_out, n_in]
     x = rng.standard_normal((n_tokens, n_in)).astype(np.float32)  # [T, n_in]
-    y = kernels.matmul(int(qtype), raw, n_out, n_in, x)
-    one_by_one = np.stack([kernels.matmul(int(qtype), raw, n_out, n_in, row) for row in x])
-    np.testing.assert_array_equal(y, one_by_one)
+    with kernel_settings(isa=isa):
+        y = kernels.matmul(int(qtype), raw, n_out, n_in, x)  # [T, n_out]
+    reference = x.astype(np.float64) @ weight.astype(np.float64).T
+    excess = np.abs(y - reference) - _reference_bound(qtype, weight, x)
+    assert excess.max() <= 0, f"bound exceeded by {excess.max()}"

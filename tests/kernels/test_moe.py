@@ -4,6 +4,8 @@ Bounds, relative to the largest |y_ref| of the batch: 1e-4 for float weight type
 float32 rounding), 3e-2 for integer types (x and the hidden activations are rounded to 8-bit
 blocks, about 0.4% each, and the errors of thousands of terms add up). A wrong expert, a
 wrong routing weight or a wrong activation gives errors of the order of y itself.
+Prefill: an expert with at least 12 pairs takes the prompt (GEMM) path for every type, with
+float32 activations, so a batch where every expert has that many meets 1e-4 for every type.
 """
 
 from __future__ import annotations
@@ -164,3 +166,51 @@ def test_moe_rejects_bad_arguments() -> None:
         kernels.moe(x, ids, weights, gate=(3, experts.gate_raw),  # 3 = Q4_1, no kernel
                     up=(int(QType.Q8_0), experts.up_raw), down=(int(QType.Q8_0), experts.down_raw),
                     n_experts=N_EXPERTS, n_ff=N_FF, activation="silu")
+
+
+def _balanced_routing(n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token t on experts t % E and (t + 1) % E: every expert gets 2 * n_tokens / E pairs."""
+    t = np.arange(n_tokens)
+    ids = np.stack([t % N_EXPERTS, (t + 1) % N_EXPERTS], axis=1).astype(np.int32)  # [T, 2]
+    weights = np.random.default_rng(n_tokens).uniform(0.1, 1.0, ids.shape)
+    return ids, (weights / weights.sum(1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("qtype", [type_param(t) for t in ALL_TYPES])
+def test_moe_prefill_takes_the_float_path(qtype: QType) -> None:
+    """37 tokens, 18-19 pairs per expert: every matrix on the GEMM path, activations float32
+    throughout, so even integer types meet the float bound."""
+    experts = Experts(qtype, qtype, qtype, seed=20 + int(qtype))
+    x = np.random.default_rng(21).standard_normal((37, N_EMBD)).astype(np.float32)  # [37, H]
+    ids, weights = _balanced_routing(37)
+    assert_close(experts.run(x, ids, weights), experts.reference(x, ids, weights), 1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "types",
+    [
+        pytest.param((QType.Q5_0, QType.Q8_0, QType.F32), id="Q5_0-Q8_0-F32"),
+        pytest.param((QType.Q4_K, QType.Q4_K, QType.Q6_K), id="Q4_K-Q4_K-Q6_K",
+                     marks=[] if kernels.type_supported(int(QType.Q4_K))
+                     and kernels.type_supported(int(QType.Q6_K))
+                     else [pytest.mark.skip(reason="no native K-quant kernels yet")]),
+    ],
+)
+def test_moe_prefill_mixes_gemm_and_vec_dot_experts(
+    types: tuple[QType, QType, QType], threads: int
+) -> None:
+    """Expert 0 takes every token (GEMM path); the others share the second slot, 6-7 pairs
+    each: vec_dot for the integer types, GEMM for F32 (threshold 4), so gate and up of one
+    expert can take different paths. Results equal across thread counts."""
+    experts = Experts(*types, seed=22)
+    n_tokens = 20
+    x = np.random.default_rng(23).standard_normal((n_tokens, N_EMBD)).astype(np.float32)
+    t = np.arange(n_tokens)
+    ids = np.stack([np.zeros(n_tokens), 1 + t % 3], axis=1).astype(np.int32)  # [T, 2]
+    weights = np.full(ids.shape, 0.5, np.float32)
+    with kernel_settings(threads=threads):
+        y = experts.run(x, ids, weights, "gelu_tanh")
+    assert_close(y, experts.reference(x, ids, weights, "gelu_tanh"), experts.tolerance)
+    with kernel_settings(threads=3 - threads):
+        np.testing.assert_array_equal(y, experts.run(x, ids, weights, "gelu_tanh"))
