@@ -75,7 +75,9 @@ class Engine:
 
     def __init__(self, model_path: str | os.PathLike, backend: BackendName = "cpu",
                  n_threads: int | None = None, n_ctx: int = DEFAULT_CTX,
-                 isa: str | None = None) -> None:
+                 isa: str | None = None, kv_cache_dtype: str | None = None) -> None:
+        """kv_cache_dtype: "float32" or "float16" (llama.cpp's default cache type); None keeps
+        the backend's activation dtype (float32 on the CPU backend)."""
         if n_ctx <= 0:
             raise NumoeError(f"context size {n_ctx} must be a positive number of tokens")
         started = time.perf_counter()
@@ -88,7 +90,8 @@ class Engine:
             self.backend = make_backend(backend, n_threads, isa)
             # More context than the model was trained for only wastes KV-cache memory.
             self.n_ctx = min(n_ctx, self.config.context_length)
-            self.runner = ModelRunner(self.config, tensors, self.gguf, self.backend, self.n_ctx)
+            self.runner = ModelRunner(self.config, tensors, self.gguf, self.backend, self.n_ctx,
+                                      kv_cache_dtype)
         except BaseException:
             self.gguf.close()
             raise

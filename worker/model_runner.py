@@ -3,7 +3,8 @@
 Weights (`LayerWeights`, one per layer) are loaded once through a Backend; run state (KV cache,
 RoPE tables) is allocated once for n_ctx positions; config is the frozen ModelConfig. A prompt
 is one batch (matrix-matrix products); decode is T = 1 (matrix-vector). Per-layer Python work is
-a fixed, small number of array operations in the backend's dtype (float32 on CPU).
+a fixed, small number of backend calls (products, norms, RoPE, attention) in the backend's dtype
+(float32 on CPU). The KV cache is in the backend's dtype or, on request, float16.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from numpy.typing import DTypeLike
 
+from cluster.errors import NumoeError
 from cluster.gguf import GGUFFile
 from cluster.model import ModelConfig, TensorMap
 from worker.backends.base import Backend, WeightData
-from worker.layers.attention import KVCache, attention
+from worker.layers.attention import KVCache
 from worker.layers.ffn import RouterConfig, moe_block
-from worker.layers.norm import rms_norm
 from worker.layers.rope import RopeTable
 
 
@@ -49,7 +51,15 @@ class ModelRunner:
     """Runs one sequence: `forward` appends tokens at `start` and returns their logits."""
 
     def __init__(self, config: ModelConfig, tensors: TensorMap, gguf: GGUFFile,
-                 backend: Backend, n_ctx: int) -> None:
+                 backend: Backend, n_ctx: int, kv_cache_dtype: DTypeLike | None = None) -> None:
+        """kv_cache_dtype: the backend's dtype when None; float16 halves the cache and rounds
+        keys and values as llama.cpp's default F16 cache does."""
+        cache_dtype = backend.dtype if kv_cache_dtype is None else np.dtype(kv_cache_dtype)
+        if cache_dtype not in backend.kv_cache_dtypes:
+            raise NumoeError(
+                f"the {backend.name} backend cannot keep a {cache_dtype} KV cache; choose one "
+                f"of: {', '.join(str(d) for d in backend.kv_cache_dtypes)}"
+            )
         self.config = config
         self.backend = backend
         self.n_ctx = n_ctx
@@ -95,7 +105,7 @@ class ModelRunner:
             config.n_experts_used, config.expert_weights_norm, config.expert_weights_scale
         )
         self.cache = KVCache(config.n_layers, config.n_kv_heads, n_ctx, config.head_dim,
-                             config.value_head_dim, dtype)
+                             config.value_head_dim, cache_dtype)
         # One table per distinct RoPE base, shared by the layers that use it.
         tables: dict[float, RopeTable] = {}
         self.rope: list[RopeTable] = []
@@ -130,11 +140,13 @@ class ModelRunner:
 
         if logits == "last":
             hidden = hidden[-1:]  # [1, H]: the LM head is the costliest product; skip the rest
-        normed = rms_norm(hidden, self.output_norm, c.norm_eps)
+        normed = backend.rms_norm(hidden, self.output_norm, c.norm_eps)
         out = backend.matmul(self.lm_head, normed)  # [T or 1, vocab]
         if c.final_logit_softcap:
-            cap = c.final_logit_softcap
-            out = cap * np.tanh(out / cap)
+            cap = np.asarray(c.final_logit_softcap, dtype=out.dtype)
+            out /= cap  # in place: the logits are the largest activations of the step
+            np.tanh(out, out=out)
+            out *= cap
         return out
 
     def _layer(self, layer: int, w: LayerWeights, hidden: np.ndarray, start: int) -> np.ndarray:
@@ -144,30 +156,31 @@ class ModelRunner:
         n_tokens = hidden.shape[0]
 
         # --- attention ---
-        x = rms_norm(hidden, w.attn_norm, eps)  # [T, H]
+        x = backend.rms_norm(hidden, w.attn_norm, eps)  # [T, H]
         q = backend.matmul(w.q, x).reshape(n_tokens, c.n_heads, c.head_dim)  # [T, nh, d]
         k = backend.matmul(w.k, x).reshape(n_tokens, c.n_kv_heads, c.head_dim)  # [T, nkv, d]
         v = backend.matmul(w.v, x).reshape(n_tokens, c.n_kv_heads, c.value_head_dim)
         if w.q_norm is not None:
-            q = rms_norm(q, w.q_norm, eps)
-            k = rms_norm(k, w.k_norm, eps)
-        rope = self.rope[layer]
-        q = rope.apply(q, start)
-        k = rope.apply(k, start)
-        attn = attention(q, k, v, self.cache, layer, start, c.attention_scale,
-                         self.windows[layer])  # [T, nh * dv]
+            q = backend.rms_norm(q, w.q_norm, eps, out=q)  # in place: q is this step's own
+            k = backend.rms_norm(k, w.k_norm, eps, out=k)
+        q, k = backend.rope(q, k, self.rope[layer], start)
+        attn = backend.attention(q, k, v, self.cache, layer, start, c.attention_scale,
+                                 self.windows[layer])  # [T, nh * dv]
         attn_out = backend.matmul(w.output, attn)  # [T, H]
         if w.post_attn_norm is not None:
-            attn_out = rms_norm(attn_out, w.post_attn_norm, eps)
-        hidden = hidden + attn_out
+            hidden = backend.rms_norm(attn_out, w.post_attn_norm, eps, residual=hidden,
+                                      out=attn_out)  # hidden + norm(attn_out)
+        else:
+            hidden = hidden + attn_out
 
         # --- feed-forward ---
-        x = rms_norm(hidden, w.ffn_norm, eps)  # [T, H]
+        x = backend.rms_norm(hidden, w.ffn_norm, eps)  # [T, H]
         if w.router is not None:
             ffn_out = moe_block(backend, x, w.router, w.gate, w.up, w.down, self.router_config,
                                 c.ffn_activation)  # [T, H]
         else:
             ffn_out = backend.gated_ffn(x, w.gate, w.up, w.down, c.ffn_activation)  # [T, H]
         if w.post_ffn_norm is not None:
-            ffn_out = rms_norm(ffn_out, w.post_ffn_norm, eps)
+            return backend.rms_norm(ffn_out, w.post_ffn_norm, eps, residual=hidden,
+                                    out=ffn_out)  # hidden + norm(ffn_out)
         return hidden + ffn_out

@@ -82,3 +82,32 @@ int numoe_moe(const float *x, int64_t n_tokens, int64_t n_embd,
  * the data read (so the compiler cannot skip the reads). Used to measure read bandwidth in the
  * same process as the kernels. */
 double numoe_read_probe(const void *buf, int64_t bytes, int repeats);
+
+/* --- layer ops (src/ops.c; Python face native/ops.py) -------------------------------------
+ * The small per-layer work around the weight products, float32 rows. */
+
+/* out[r] = residual[r] + x[r] / sqrt(mean(x[r]^2) + eps) * weight, for rows r of n elements;
+ * residual NULL means no add. out may alias x or residual (in place). */
+int numoe_rms_norm(const float *x, const float *weight, int64_t n_rows, int64_t n, float eps,
+                   const float *residual, float *out);
+
+/* RoPE in place on q [n_tokens, n_q_heads, head_dim] and k [n_tokens, n_k_heads, head_dim]
+ * (either may be NULL with 0 heads). cos, sin [n_tokens, head_dim / 2]: the table rows of the
+ * tokens' positions. neox != 0 rotates pairs (i, i + head_dim/2), else pairs (2i, 2i + 1). */
+int numoe_rope(float *q, int64_t n_q_heads, float *k, int64_t n_k_heads, int64_t n_tokens,
+               int64_t head_dim, const float *cos, const float *sin, int neox);
+
+/* Attention of n_tokens new tokens at positions [start, start + n_tokens) for one layer.
+ *   q      [n_tokens, n_heads, head_dim]        already normed, roped and NOT scaled
+ *   k_new  [n_tokens, n_kv_heads, head_dim]     stored into k_cache rows [start, start + T)
+ *   v_new  [n_tokens, n_kv_heads, value_dim]    stored into v_cache
+ *   k_cache [n_kv_heads, n_ctx, head_dim], v_cache [n_kv_heads, n_ctx, value_dim]: one
+ *           layer's cache, cache_type NUMOE_TYPE_F32 or NUMOE_TYPE_F16 (new rows are rounded)
+ *   out    [n_tokens, n_heads * value_dim]      softmax(scale * q.K^T) V per head
+ * Query head h reads KV head h / (n_heads / n_kv_heads). A key at p0 is visible from the
+ * query at p1 iff p0 <= p1 and (sliding_window == 0 or p1 - p0 < sliding_window).
+ * Threads split (token, head) pairs when the work is large enough. */
+int numoe_attention(const float *q, const float *k_new, const float *v_new, int64_t n_tokens,
+                    int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t value_dim,
+                    int cache_type, void *k_cache, void *v_cache, int64_t n_ctx, int64_t start,
+                    float scale, int64_t sliding_window, float *out);

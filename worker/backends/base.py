@@ -1,9 +1,9 @@
 """The one narrow interface every compute backend implements (numpy reference, native CPU, ...).
 
 A backend owns the weight-heavy operations: products with (possibly quantized) weight matrices,
-the fused gated FFN / MoE block and embedding-row lookup. The small element-wise work (norms,
-RoPE, softmax attention over the KV cache) lives in worker/layers as plain array code in the
-backend's activation dtype, so a new backend only has to provide these few calls.
+the fused gated FFN / MoE block and embedding-row lookup; and the small per-layer ops around
+them (RMSNorm, RoPE, attention over the KV cache), whose plain-numpy versions in worker/layers
+are the reference the numpy backend runs and a native backend replaces with fused kernels.
 
 Weights are described by `WeightData` (the raw GGUF bytes, zero-copy) and turned into a
 backend-specific handle by `load_weight`; callers treat the handle as opaque.
@@ -13,9 +13,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from worker.layers.attention import KVCache
+    from worker.layers.rope import RopeTable
 
 Activation = Literal["silu", "gelu_tanh"]
 
@@ -42,7 +46,8 @@ class Backend(ABC):
     """Weight-heavy operations for one device. Activations are `dtype` arrays, row-major."""
 
     name: str
-    dtype: np.dtype  # activation / KV-cache dtype the layers compute in
+    dtype: np.dtype  # activation dtype the layers compute in (and the default KV-cache dtype)
+    kv_cache_dtypes: tuple[np.dtype, ...]  # the KV-cache dtypes `attention` can read
 
     @abstractmethod
     def load_weight(self, tensor: WeightData) -> Any:
@@ -79,3 +84,23 @@ class Backend(ABC):
     @abstractmethod
     def embedding(self, weight: Any, token_ids: np.ndarray) -> np.ndarray:
         """Rows `token_ids` [T] of an embedding matrix, dequantized: [T, n_embd]."""
+
+    @abstractmethod
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float,
+                 residual: np.ndarray | None = None, out: np.ndarray | None = None
+                 ) -> np.ndarray:
+        """residual + x / sqrt(mean(x^2, last axis) + eps) * weight: x [..., n], weight [n].
+        Written into `out` when given (which may be x or residual), else a new array."""
+
+    @abstractmethod
+    def rope(self, q: np.ndarray, k: np.ndarray, table: RopeTable, start: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """Rotates q [T, n_heads, d] and k [T, n_kv, d] for positions [start, start + T);
+        may work in place, so use the returned arrays."""
+
+    @abstractmethod
+    def attention(self, q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, cache: KVCache,
+                  layer: int, start: int, scale: float, sliding_window: int) -> np.ndarray:
+        """Stores k_new [T, n_kv, d], v_new [T, n_kv, dv] in `cache` at [start, start + T),
+        then attends q [T, n_heads, d] to every visible key -> [T, n_heads * dv]
+        (worker/layers/attention.py states the masks)."""

@@ -12,6 +12,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from worker.backends.base import Activation, Backend, WeightData
+from worker.layers import attention as attention_layer
+from worker.layers.attention import KVCache
+from worker.layers.norm import rms_norm
+from worker.layers.rope import RopeTable
 
 # Bound on the [T, K, F, H] gather of expert weights in `moe`, in elements (~128 MB in float64).
 _MOE_GATHER_ELEMENTS = 16 * 1024 * 1024
@@ -40,6 +44,7 @@ class NumpyRefBackend(Backend):
 
     def __init__(self, dtype: np.dtype | type = np.float64) -> None:
         self.dtype = np.dtype(dtype)
+        self.kv_cache_dtypes = (self.dtype, np.dtype(np.float16))
 
     def load_weight(self, tensor: WeightData) -> np.ndarray:
         return dequantize_tensor(tensor).astype(self.dtype, copy=False)  # [..., n_out, n_in]
@@ -86,3 +91,21 @@ class NumpyRefBackend(Backend):
 
     def embedding(self, weight: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
         return weight[token_ids]  # [T, n_embd]
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float,
+                 residual: np.ndarray | None = None, out: np.ndarray | None = None
+                 ) -> np.ndarray:
+        result = rms_norm(x, weight, eps, residual)  # [..., n]
+        if out is None:
+            return result
+        out[...] = result
+        return out
+
+    def rope(self, q: np.ndarray, k: np.ndarray, table: RopeTable, start: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+        return table.apply(q, start), table.apply(k, start)
+
+    def attention(self, q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, cache: KVCache,
+                  layer: int, start: int, scale: float, sliding_window: int) -> np.ndarray:
+        return attention_layer.attention(q, k_new, v_new, cache, layer, start, scale,
+                                         sliding_window)

@@ -13,13 +13,17 @@ import numpy as np
 
 
 class KVCache:
-    """Keys and values of every layer for positions [0, n_ctx)."""
+    """Keys and values of every layer for positions [0, n_ctx), in `dtype` (the activation
+    dtype, or float16 to halve the memory and round as llama.cpp's default F16 cache does)."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int,
                  value_head_dim: int, dtype: np.dtype) -> None:
         self.n_ctx = n_ctx
         self.keys = np.zeros((n_layers, n_kv_heads, n_ctx, head_dim), dtype)  # [L, Hkv, C, d]
         self.values = np.zeros((n_layers, n_kv_heads, n_ctx, value_head_dim), dtype)  # [L,Hkv,C,dv]
+        # Per-layer views, made once: the native attention takes one layer's contiguous block.
+        self.layer_keys = list(self.keys)  # L x [Hkv, C, d]
+        self.layer_values = list(self.values)  # L x [Hkv, C, dv]
 
     @property
     def n_bytes(self) -> int:
@@ -52,8 +56,9 @@ def attention(
 
     # The first key any of the new queries can see: older keys fall outside every window.
     first = max(0, start - sliding_window + 1) if sliding_window > 0 else 0
-    keys = cache.keys[layer, :, first:end]  # [n_kv, S, d]
-    values = cache.values[layer, :, first:end]  # [n_kv, S, dv]
+    # A float16 cache is read back in the activation dtype, as the native kernel does.
+    keys = cache.keys[layer, :, first:end].astype(q.dtype, copy=False)  # [n_kv, S, d]
+    values = cache.values[layer, :, first:end].astype(q.dtype, copy=False)  # [n_kv, S, dv]
     n_keys = end - first
 
     # Rows of each KV head's query block are ordered (head in group, token).

@@ -9,12 +9,15 @@ from __future__ import annotations
 import numpy as np
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x [..., n], weight [n] -> [..., n] in x's dtype."""
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float,
+             residual: np.ndarray | None = None) -> np.ndarray:
+    """x [..., n], weight [n] -> (residual +) normed x [..., n] in x's dtype."""
     # ufunc.reduce and in-place updates: np.mean's Python wrapper alone costs more than the
     # arithmetic on a decode-sized row, and this runs six times per Gemma layer.
     sum_squares = np.add.reduce(x * x, axis=-1, keepdims=True)  # [..., 1]
     inv_rms = 1.0 / np.sqrt(sum_squares * (1.0 / x.shape[-1]) + eps)
     out = x * inv_rms
     out *= weight
+    if residual is not None:
+        out += residual
     return out

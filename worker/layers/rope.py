@@ -20,14 +20,14 @@ class RopeTable:
         half = head_dim // 2
         inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2.0 / head_dim)  # [d/2]
         angles = np.arange(n_ctx, dtype=np.float64)[:, None] * inv_freq * freq_scale  # [n_ctx, d/2]
-        self.cos = np.cos(angles).astype(dtype)[:, None, :]  # [n_ctx, 1, d/2]
-        self.sin = np.sin(angles).astype(dtype)[:, None, :]  # [n_ctx, 1, d/2]
+        self.cos = np.ascontiguousarray(np.cos(angles), dtype=dtype)  # [n_ctx, d/2]
+        self.sin = np.ascontiguousarray(np.sin(angles), dtype=dtype)  # [n_ctx, d/2]
 
     def apply(self, x: np.ndarray, start: int) -> np.ndarray:
         """x [T, n_heads, d] for positions [start, start + T) -> rotated copy [T, n_heads, d]."""
         n_tokens = x.shape[0]
-        cos = self.cos[start : start + n_tokens]  # [T, 1, d/2]
-        sin = self.sin[start : start + n_tokens]
+        cos = self.cos[start : start + n_tokens, None]  # [T, 1, d/2]
+        sin = self.sin[start : start + n_tokens, None]
         out = np.empty_like(x)
         if self.style is RopeStyle.NEOX:
             half = x.shape[-1] // 2
