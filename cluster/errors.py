@@ -19,3 +19,7 @@ class UnsupportedQuantTypeError(NumoeError):
 
 class TensorShapeError(NumoeError):
     """A tensor is missing or its shape disagrees with the model's metadata."""
+
+
+class InvalidSamplingParams(NumoeError, ValueError):
+    """A sampling parameter is outside its range (message names the parameter and the range)."""

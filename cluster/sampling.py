@@ -25,15 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.errors import NumoeError
+from cluster.errors import InvalidSamplingParams
 
 # top_p first sorts only this many of the most likely candidates, growing x8 while their mass
 # falls short of top_p; real distributions reach top_p = 0.95 within a few hundred tokens.
 _TOP_P_FIRST_SORT = 1024
-
-
-class InvalidSamplingParams(NumoeError, ValueError):
-    """A sampling parameter is outside its range (message names the parameter and the range)."""
 
 
 @dataclass(frozen=True)
