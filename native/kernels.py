@@ -6,6 +6,9 @@ the problem instead of a read past the end. Negative status codes from C become 
 
 These functions run about ten times per layer per token, so the argument checks are plain
 attribute reads and arithmetic, and arrays that are already C-contiguous float32 are not copied.
+A model's weights are wrapped once at load in a `WeightView` (size checked, C pointer made);
+`matmul_view`, `dense_ffn` and `moe_views` take those, while `matmul` and `moe` take raw bytes
+and build the views per call.
 """
 
 from __future__ import annotations
@@ -170,24 +173,46 @@ def dequantize(ggml_type: int, data: Any, n_rows: int, n: int) -> np.ndarray:
     return out
 
 
+class WeightView:
+    """A weight matrix [n_out, n_in] or expert stack [n_experts, n_out, n_in] in its GGUF bytes,
+    size-checked once and with its C pointer made once (no copy). The products below take it,
+    so a decode step pays for neither check again."""
+
+    __slots__ = ("ggml_type", "shape", "data", "pointer")
+
+    def __init__(self, ggml_type: int, shape: tuple[int, ...], data: Any,
+                 what: str = "weight") -> None:
+        n_rows = int(np.prod(shape[:-1], dtype=np.int64))
+        # row_bytes raises for types without a kernel and rows that are not whole blocks.
+        self.pointer = _weight_buffer(data, n_rows * row_bytes(ggml_type, shape[-1]), what)
+        self.ggml_type = ggml_type
+        self.shape = shape
+        self.data = data  # uint8 [n_bytes]; keeps the mapping alive behind `pointer`
+
+
 def matmul(ggml_type: int, weight: Any, n_out: int, n_in: int, x: np.ndarray) -> np.ndarray:
     """y = x @ W^T for W [n_out, n_in] in GGUF layout; x [T, n_in] or [n_in] -> [T, n_out] or
     [n_out]. For few tokens, integer types quantize x to 8-bit blocks (decode path); from
     numoe_gemm_min_tokens (native/src/gemm.h: 4 to 12 by type, at most 12) on, weights are
     dequantized in tiles and x stays float32 (prompt path, more accurate)."""
-    x = _as_f32(x)
-    if x.ndim not in (1, 2) or x.shape[-1] != n_in:
-        raise ValueError(f"matmul: x must be [T, {n_in}] or [{n_in}], got {list(x.shape)}")
     if n_out <= 0:
         raise ValueError(f"matmul: n_out must be positive, got {n_out}")
-    w = _weight_buffer(weight, n_out * row_bytes(ggml_type, n_in), "matmul weight")
-    n_tokens = 1 if x.ndim == 1 else x.shape[0]
-    y = np.empty(x.shape[:-1] + (n_out,), np.float32)  # [T, n_out] or [n_out]
-    if n_tokens == 0:
-        return y
-    status = lib.numoe_matmul(ggml_type, w, n_out, n_in, ffi.from_buffer("float[]", x),
-                              n_tokens, ffi.from_buffer("float[]", y))
-    _check_status(status, "matmul")
+    return matmul_view(WeightView(ggml_type, (n_out, n_in), weight, "matmul weight"), x)
+
+
+def matmul_view(weight: WeightView, x: np.ndarray) -> np.ndarray:
+    """`matmul` over a WeightView [n_out, n_in]: x [..., n_in] -> x @ W^T [..., n_out]."""
+    n_out, n_in = weight.shape[-2], weight.shape[-1]
+    x = _as_f32(x)
+    if x.ndim == 0 or x.shape[-1] != n_in:
+        raise ValueError(f"matmul: x must be [T, {n_in}] or [{n_in}], got {list(x.shape)}")
+    y = np.empty(x.shape[:-1] + (n_out,), _F32)  # [T, n_out] or [n_out]
+    n_tokens = x.size // n_in
+    if n_tokens:
+        status = lib.numoe_matmul(weight.ggml_type, weight.pointer, n_out, n_in,
+                                  ffi.from_buffer("float[]", x), n_tokens,
+                                  ffi.from_buffer("float[]", y))
+        _check_status(status, "matmul")
     return y
 
 
@@ -209,10 +234,36 @@ def moe(
     gate/up: (ggml type, bytes of [n_experts, n_ff, H]); down: (type, bytes of
     [n_experts, H, n_ff]). Returns y [T, H], y[t] = sum_k w[t,k] * down_e(act(gate_e x)*up_e x).
     """
+    if x.ndim != 2:
+        raise ValueError(f"moe: x must be [T, H], got shape {list(x.shape)}")
+    if n_experts <= 0 or n_ff <= 0:
+        raise ValueError(f"moe: n_experts ({n_experts}) and n_ff ({n_ff}) must be positive")
+    n_embd = x.shape[1]
+    (gate_type, gate_data), (up_type, up_data), (down_type, down_data) = gate, up, down
+    return moe_views(
+        x, expert_ids, expert_weights,
+        WeightView(gate_type, (n_experts, n_ff, n_embd), gate_data, "gate"),
+        WeightView(up_type, (n_experts, n_ff, n_embd), up_data, "up"),
+        WeightView(down_type, (n_experts, n_embd, n_ff), down_data, "down"),
+        activation,
+    )
+
+
+def moe_views(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray,
+              gate: WeightView, up: WeightView, down: WeightView,
+              activation: ActivationName) -> np.ndarray:
+    """`moe` over WeightViews: gate, up [E, F, H], down [E, H, F]."""
     x = _as_f32(x)
     if x.ndim != 2:
         raise ValueError(f"moe: x must be [T, H], got shape {list(x.shape)}")
     n_tokens, n_embd = x.shape
+    if len(gate.shape) != 3:
+        raise ValueError(f"moe: gate must be an expert stack [E, F, H], got {list(gate.shape)}")
+    n_experts, n_ff = gate.shape[0], gate.shape[1]
+    if (gate.shape != (n_experts, n_ff, n_embd) or up.shape != gate.shape
+            or down.shape != (n_experts, n_embd, n_ff)):
+        raise ValueError(f"moe: x {list(x.shape)} with gate {list(gate.shape)}, "
+                         f"up {list(up.shape)}, down {list(down.shape)}")
     if expert_ids.dtype != _I32 or not expert_ids.flags.c_contiguous:
         expert_ids = np.ascontiguousarray(expert_ids, dtype=np.int32)
     expert_weights = _as_f32(expert_weights)
@@ -221,30 +272,65 @@ def moe(
     if expert_weights.shape != expert_ids.shape:
         raise ValueError(f"moe: expert_weights {list(expert_weights.shape)} must match "
                          f"expert_ids {list(expert_ids.shape)}")
-    n_used = expert_ids.shape[1]
-    act = _ACTIVATION_BY_NAME.get(activation)
+    if expert_ids.shape[1] <= 0:
+        raise ValueError("moe: each token needs at least one expert (K > 0)")
+    return _moe_call(x, expert_ids, expert_weights, n_experts, n_ff, gate, up, down,
+                     _activation(activation, "moe"), "moe")
+
+
+# A dense FFN is a MoE with one expert that every token uses with weight 1; the decode step's
+# routing arrays are made once.
+_ONE_TOKEN_IDS = np.zeros((1, 1), np.int32)  # [T=1, K=1]
+_ONE_TOKEN_WEIGHTS = np.ones((1, 1), np.float32)  # [T=1, K=1]
+
+
+def dense_ffn(x: np.ndarray, gate: WeightView, up: WeightView, down: WeightView,
+              activation: ActivationName) -> np.ndarray:
+    """x [T, H] -> down(act(gate x) * up x) [T, H]: gate, up [F, H], down [H, F], in one
+    native call (numoe_moe with one expert)."""
+    x = _as_f32(x)
+    if x.ndim != 2:
+        raise ValueError(f"dense_ffn: x must be [T, H], got shape {list(x.shape)}")
+    n_tokens, n_embd = x.shape
+    n_ff = gate.shape[0]
+    if (gate.shape != (n_ff, n_embd) or up.shape != (n_ff, n_embd)
+            or down.shape != (n_embd, n_ff)):
+        raise ValueError(f"dense_ffn: x {list(x.shape)} with gate {list(gate.shape)}, "
+                         f"up {list(up.shape)}, down {list(down.shape)}")
+    if n_tokens == 1:
+        ids, weights = _ONE_TOKEN_IDS, _ONE_TOKEN_WEIGHTS
+    else:
+        ids, weights = np.zeros((n_tokens, 1), np.int32), np.ones((n_tokens, 1), np.float32)
+    return _moe_call(x, ids, weights, 1, n_ff, gate, up, down,
+                     _activation(activation, "dense_ffn"), "dense_ffn")
+
+
+def _activation(name: str, call: str) -> int:
+    act = _ACTIVATION_BY_NAME.get(name)
     if act is None:
-        raise ValueError(f"moe: unknown activation {activation!r}; "
+        raise ValueError(f"{call}: unknown activation {name!r}; "
                          f"choose one of {sorted(_ACTIVATION_BY_NAME)}")
-    if n_experts <= 0 or n_ff <= 0 or n_used <= 0:
-        raise ValueError(f"moe: n_experts ({n_experts}), n_ff ({n_ff}) and K ({n_used}) "
-                         "must be positive")
-    (gate_type, gate_data), (up_type, up_data), (down_type, down_data) = gate, up, down
-    gate_buf = _weight_buffer(gate_data, n_experts * n_ff * row_bytes(gate_type, n_embd), "gate")
-    up_buf = _weight_buffer(up_data, n_experts * n_ff * row_bytes(up_type, n_embd), "up")
-    down_buf = _weight_buffer(down_data, n_experts * n_embd * row_bytes(down_type, n_ff), "down")
-    y = np.empty((n_tokens, n_embd), np.float32)  # [T, H]
+    return act
+
+
+def _moe_call(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray,
+              n_experts: int, n_ff: int, gate: WeightView, up: WeightView, down: WeightView,
+              act: int, call: str) -> np.ndarray:
+    """numoe_moe on checked arguments: x [T, H] float32, expert_ids int32 and expert_weights
+    float32 [T, K], all C-contiguous -> y [T, H]."""
+    n_tokens, n_embd = x.shape
+    y = np.empty((n_tokens, n_embd), _F32)  # [T, H]
     status = lib.numoe_moe(
         ffi.from_buffer("float[]", x), n_tokens, n_embd,
         ffi.from_buffer("int32_t[]", expert_ids), ffi.from_buffer("float[]", expert_weights),
-        n_used, n_experts, n_ff,
-        gate_type, gate_buf, up_type, up_buf, down_type, down_buf, act,
-        ffi.from_buffer("float[]", y),
+        expert_ids.shape[1], n_experts, n_ff,
+        gate.ggml_type, gate.pointer, up.ggml_type, up.pointer, down.ggml_type, down.pointer,
+        act, ffi.from_buffer("float[]", y),
     )
     if status == lib.NUMOE_EBADARG:
-        raise ValueError(f"moe: expert ids must lie in [0, {n_experts}); got min "
+        raise ValueError(f"{call}: expert ids must lie in [0, {n_experts}); got min "
                          f"{int(expert_ids.min())}, max {int(expert_ids.max())}")
-    _check_status(status, "moe")
+    _check_status(status, call)
     return y
 
 

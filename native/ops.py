@@ -1,26 +1,23 @@
 """Python face of the native layer ops (numoe.h, section "layer ops"): RMSNorm, RoPE and
-attention over a KV cache, on float32 numpy arrays; and the decode-path entry to the weight
-products (matmul, dense gated FFN) over weights checked once at load (`WeightView`).
+attention over a KV cache, on float32 numpy arrays. The weight products (matmul, dense gated
+FFN, MoE) live in native/kernels.py.
 
 These run about a dozen times per layer per token, where a microsecond of Python per call is
 several percent of a decode step. So the checks are the cheap ones that keep C from reading or
 writing past a buffer: dtypes and element counts here, while `ffi.from_buffer` itself refuses
 arrays that are not C-contiguous, and read-only arrays where C writes. Shapes follow the
 forward pass: x [rows, n], q [T, n_heads, d], one layer's KV cache [n_kv_heads, n_ctx, d].
-native/kernels.py remains the general, fully checked face of the products.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from native import kernels
 from native._numoe_native import ffi, lib
 
 _F32 = np.dtype(np.float32)
-_ACTIVATIONS: dict[str, int] = {"silu": lib.NUMOE_ACT_SILU, "gelu_tanh": lib.NUMOE_ACT_GELU_TANH}
 # The KV cache dtypes the attention kernel reads, as ggml type ids.
 CACHE_TYPES: dict[np.dtype, int] = {
     np.dtype(np.float32): lib.NUMOE_TYPE_F32,
@@ -125,72 +122,3 @@ def attention(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, k_cache: np.n
     )
     _check(status, "attention")
     return out
-
-
-# --- weight products over weights checked once ----------------------------------------------
-
-
-class WeightView:
-    """A weight matrix [n_out, n_in] or expert stack [n_experts, n_out, n_in] in its GGUF bytes,
-    size-checked once and with its C pointer made once (no copy)."""
-
-    __slots__ = ("ggml_type", "shape", "data", "pointer")
-
-    def __init__(self, ggml_type: int, shape: tuple[int, ...], data: np.ndarray) -> None:
-        n_rows = int(np.prod(shape[:-1], dtype=np.int64))
-        needed = n_rows * kernels.row_bytes(ggml_type, shape[-1])  # raises for unknown types
-        if data.nbytes < needed:
-            raise ValueError(f"weight {list(shape)} needs {needed} bytes, the buffer holds "
-                             f"{data.nbytes}")
-        self.ggml_type = ggml_type
-        self.shape = shape
-        self.data = data  # uint8 [n_bytes]; keeps the mapping alive behind `pointer`
-        self.pointer = ffi.from_buffer(data)
-
-
-def matmul(weight: WeightView, x: np.ndarray) -> np.ndarray:
-    """x [T, n_in] -> x @ W^T [T, n_out] (native/kernels.py `matmul` documents the paths)."""
-    n_out, n_in = weight.shape[-2], weight.shape[-1]
-    if x.shape[-1] != n_in:
-        raise ValueError(f"matmul: x {list(x.shape)} must end in {n_in}")
-    if x.dtype != _F32:
-        x = x.astype(_F32)
-    y = np.empty(x.shape[:-1] + (n_out,), _F32)  # [T, n_out]
-    n_tokens = x.size // n_in
-    if n_tokens:
-        status = lib.numoe_matmul(weight.ggml_type, weight.pointer, n_out, n_in,
-                                  _floats(x, "matmul x"), n_tokens,
-                                  _floats(y, "matmul y", writable=True))
-        _check(status, "matmul")
-    return y
-
-
-# A dense FFN is a MoE with one expert that every token uses with weight 1; the decode step's
-# routing arrays are made once.
-_ONE_TOKEN_IDS = np.zeros(1, np.int32)  # [T=1, K=1]
-_ONE_TOKEN_WEIGHTS = np.ones(1, np.float32)  # [T=1, K=1]
-
-
-def dense_ffn(x: np.ndarray, gate: WeightView, up: WeightView, down: WeightView,
-              activation: Literal["silu", "gelu_tanh"]) -> np.ndarray:
-    """x [T, H] -> down(act(gate x) * up x) [T, H]: gate, up [F, H], down [H, F], in one
-    native call (numoe_moe with one expert)."""
-    n_tokens, n_embd = x.shape
-    n_ff = gate.shape[-2]
-    if (gate.shape != (n_ff, n_embd) or up.shape != (n_ff, n_embd)
-            or down.shape != (n_embd, n_ff)):
-        raise ValueError(f"dense_ffn: x {list(x.shape)} with gate {list(gate.shape)}, "
-                         f"up {list(up.shape)}, down {list(down.shape)}")
-    if n_tokens == 1:
-        ids, weights = _ONE_TOKEN_IDS, _ONE_TOKEN_WEIGHTS
-    else:
-        ids, weights = np.zeros(n_tokens, np.int32), np.ones(n_tokens, np.float32)  # [T, K=1]
-    y = np.empty((n_tokens, n_embd), _F32)  # [T, H]
-    status = lib.numoe_moe(
-        _floats(x, "dense_ffn x"), n_tokens, n_embd, ffi.from_buffer("int32_t[]", ids),
-        ffi.from_buffer("float[]", weights), 1, 1, n_ff,
-        gate.ggml_type, gate.pointer, up.ggml_type, up.pointer, down.ggml_type, down.pointer,
-        _ACTIVATIONS[activation], _floats(y, "dense_ffn y", writable=True),
-    )
-    _check(status, "dense_ffn")
-    return y

@@ -37,10 +37,6 @@ class WeightData:
     def n_in(self) -> int:
         return self.shape[-1]
 
-    @property
-    def n_out(self) -> int:
-        return self.shape[-2] if len(self.shape) >= 2 else 1
-
 
 class Backend(ABC):
     """Weight-heavy operations for one device. Activations are `dtype` arrays, row-major."""

@@ -1,6 +1,6 @@
-"""Native CPU backend: numoe's C kernels through native.ops and native.kernels (cffi).
+"""Native CPU backend: numoe's C kernels through native.kernels and native.ops (cffi).
 
-Quantized weights stay quantized: a handle (`ops.WeightView`) is the uint8 view into the GGUF
+Quantized weights stay quantized: a handle (`kernels.WeightView`) is the uint8 view into the GGUF
 mmap plus its type and shape, size-checked and turned into a C pointer once at load, then
 passed to the kernels as-is (no copy, no repacking). Activations are float32.
 The dense gated FFN runs as a one-expert MoE call, so gate, up, activation and down are a single
@@ -14,7 +14,7 @@ import numpy as np
 
 from cluster.model import RopeStyle
 from native import kernels, ops
-from native.ops import WeightView
+from native.kernels import WeightView
 from worker.backends.base import Activation, Backend, WeightData
 from worker.backends.blas_threads import limit_blas_threads
 from worker.layers.attention import KVCache
@@ -38,7 +38,7 @@ class CpuBackend(Backend):
         limit_blas_threads(1)
 
     def load_weight(self, tensor: WeightData) -> WeightView:
-        return WeightView(tensor.ggml_type, tuple(tensor.shape), tensor.data)
+        return WeightView(tensor.ggml_type, tuple(tensor.shape), tensor.data, tensor.name)
 
     def load_vector(self, tensor: WeightData) -> np.ndarray:
         if tensor.ggml_type == _F32:
@@ -49,13 +49,13 @@ class CpuBackend(Backend):
         return values.reshape(tensor.shape)
 
     def matmul(self, weight: WeightView, x: np.ndarray) -> np.ndarray:
-        return ops.matmul(weight, x)  # [T, n_out]
+        return kernels.matmul_view(weight, x)  # [T, n_out]
 
     def gated_ffn(
         self, x: np.ndarray, gate: WeightView, up: WeightView, down: WeightView,
         activation: Activation,
     ) -> np.ndarray:
-        return ops.dense_ffn(x, gate, up, down, activation)  # [T, H]
+        return kernels.dense_ffn(x, gate, up, down, activation)  # [T, H]
 
     def moe(
         self,
@@ -67,17 +67,8 @@ class CpuBackend(Backend):
         down: WeightView,
         activation: Activation,
     ) -> np.ndarray:
-        return kernels.moe(
-            x,  # [T, H]
-            expert_ids,  # [T, K]
-            expert_weights,  # [T, K]
-            gate=(gate.ggml_type, gate.data),
-            up=(up.ggml_type, up.data),
-            down=(down.ggml_type, down.data),
-            n_experts=gate.shape[0],
-            n_ff=gate.shape[-2],
-            activation=activation,
-        )
+        return kernels.moe_views(x, expert_ids, expert_weights, gate, up, down,
+                                 activation)  # x, result [T, H]; ids, weights [T, K]
 
     def embedding(self, weight: WeightView, token_ids: np.ndarray) -> np.ndarray:
         n_rows, n_embd = weight.shape
