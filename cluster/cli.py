@@ -75,7 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--isa", choices=("scalar", "avx2", "avx512"), default=None,
                           help="force a kernel instruction set (default: the best available)")
     generate.set_defaults(handler=_run_generate)
+
+    topology = commands.add_parser(
+        "topology", help="print the hardware topology (hosts, NUMA nodes, CPUs, memory, GPUs)",
+        description="Print this machine's topology, or the one described by --topology FILE.",
+    )
+    topology.add_argument("--topology", dest="topology_file", default=None, metavar="FILE",
+                          help="JSON/YAML topology file (default: discover this machine)")
+    topology.add_argument("--virtual-numa", type=int, default=None, metavar="N",
+                          help="split the one NUMA node into N virtual nodes")
+    topology.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    topology.set_defaults(handler=_run_topology)
     return parser
+
+
+def _run_topology(args: argparse.Namespace) -> int:
+    from cluster import topology as topo  # noqa: PLC0415
+
+    found = (topo.load_topology(args.topology_file) if args.topology_file
+             else topo.discover_local())
+    if args.virtual_numa is not None:
+        found = topo.virtual_numa(found, args.virtual_numa)
+    print(found.to_json() if args.json else topo.format_topology_table(found))
+    return 0
 
 
 def _run_generate(args: argparse.Namespace) -> int:
