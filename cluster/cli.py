@@ -86,7 +86,66 @@ def build_parser() -> argparse.ArgumentParser:
                           help="split the one NUMA node into N virtual nodes")
     topology.add_argument("--json", action="store_true", help="print JSON instead of a table")
     topology.set_defaults(handler=_run_topology)
+
+    membw = commands.add_parser(
+        "membw", help="measure each NUMA node's read/copy/triad bandwidth, threads pinned to it",
+        description="STREAM-style bandwidth of this machine's memory, one run per NUMA node "
+                    "with one thread pinned to each of the node's CPUs.",
+    )
+    membw.add_argument("--topology", dest="topology_file", default=None, metavar="FILE",
+                       help="topology file; it must describe this machine's CPUs")
+    membw.add_argument("--virtual-numa", type=int, default=None, metavar="N",
+                       help="split the one NUMA node into N virtual nodes")
+    membw.add_argument("--mib", type=int, default=256,
+                       help="MiB per array, 3 arrays (default: %(default)s)")
+    membw.add_argument("--repeats", type=int, default=5,
+                       help="timed repeats, the best counts (default: %(default)s)")
+    membw.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    membw.set_defaults(handler=_run_membw)
     return parser
+
+
+def _run_membw(args: argparse.Namespace) -> int:
+    import json  # noqa: PLC0415
+
+    from cluster import topology as topo  # noqa: PLC0415
+    from worker import numa  # noqa: PLC0415
+
+    found = (topo.load_topology(args.topology_file) if args.topology_file
+             else topo.discover_local())
+    if args.virtual_numa is not None:
+        found = topo.virtual_numa(found, args.virtual_numa)
+    usable = os.sched_getaffinity(0)
+    if args.topology_file:
+        foreign = sorted({cpu for host in found.hosts for node in host.nodes
+                          for cpu in node.cpus} - usable)
+        if len(found.hosts) != 1 or foreign:
+            raise NumoeError(
+                f"membw measures this machine; --topology {args.topology_file} describes "
+                f"{len(found.hosts)} host(s) with CPUs this process cannot run on "
+                f"({topo.format_cpu_list(foreign) or 'none'}); drop --topology to measure the "
+                f"local nodes")
+    if args.mib < 1 or args.repeats < 1:
+        raise NumoeError("membw: --mib and --repeats must be >= 1")
+    rows = []
+    for host in found.hosts:
+        for node in host.nodes:
+            result = numa.membw(node.cpus, args.mib << 20, args.repeats)
+            rows.append({"host": host.name, "node": node.node_id,
+                         "cpus": topo.format_cpu_list(node.cpus),
+                         "read_gbs": round(result.read_gbs, 2),
+                         "copy_gbs": round(result.copy_gbs, 2),
+                         "triad_gbs": round(result.triad_gbs, 2)})
+    if args.json:
+        print(json.dumps({"mib_per_array": args.mib, "repeats": args.repeats, "nodes": rows},
+                         indent=2))
+        return 0
+    print(f"{'host':<20} {'node':>4} {'cpus':<12} {'read GB/s':>10} {'copy GB/s':>10} "
+          f"{'triad GB/s':>10}")
+    for row in rows:
+        print(f"{row['host']:<20} {row['node']:>4} {row['cpus']:<12} {row['read_gbs']:>10.2f} "
+              f"{row['copy_gbs']:>10.2f} {row['triad_gbs']:>10.2f}")
+    return 0
 
 
 def _run_topology(args: argparse.Namespace) -> int:

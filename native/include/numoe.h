@@ -111,3 +111,34 @@ int numoe_attention(const float *q, const float *k_new, const float *v_new, int6
                     int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t value_dim,
                     int cache_type, void *k_cache, void *v_cache, int64_t n_ctx, int64_t start,
                     float scale, int64_t sliding_window, float *out);
+
+/* --- numa: thread pinning, memory binding, per-node bandwidth (src/numa.c; worker/numa.py) ---
+ * Functions return 0 or a negative errno (e.g. -EPERM, -EINVAL) the kernel gave. */
+
+/* In one OpenMP region of numoe_get_threads() threads, pins thread i to cpus[i % n_cpus]
+ * (thread 0 is the caller). The pool's threads keep the mask for later regions of the same
+ * size. numoe_allow_threads does the same but lets every thread run on all n_cpus CPUs. */
+int numoe_pin_threads(const int *cpus, int n_cpus);
+int numoe_allow_threads(const int *cpus, int n_cpus);
+
+/* cpu_of_thread[i] = the CPU OpenMP thread i runs on (sched_getcpu) inside one region of
+ * numoe_get_threads() threads, for i < max_threads; returns the number of threads. */
+int numoe_thread_cpus(int *cpu_of_thread, int max_threads);
+
+/* Memory policy of the caller and of every OpenMP thread: strict != 0 -> MPOL_BIND (allocation
+ * fails rather than leave the node), else MPOL_PREFERRED. node in [0, 1024). */
+int numoe_bind_memory_node(int node, int strict);
+/* Back to the default policy (allocate on the node of the touching CPU). */
+int numoe_unbind_memory(void);
+/* The caller's policy read back: *mode = MPOL_* number (0 default, 1 preferred, 2 bind),
+ * *nodemask = the first 64 nodes of its node mask. */
+int numoe_memory_policy(int *mode, uint64_t *nodemask);
+
+/* STREAM-style bandwidth with n_cpus threads, thread i pinned to cpus[i] for the call only
+ * (each thread's mask is restored after). Three arrays of `bytes` bytes (doubles) are first
+ * touched by the pinned threads; best of `repeats` timings of read (sum b), copy (a = b) and
+ * triad (a = b + s*c). GB/s = 1e9 bytes/s, counting bytes read plus bytes written (1, 2, 3
+ * arrays). The results are checked (read sum, copied and triad values); -EIO if wrong,
+ * -ENOMEM if the arrays cannot be allocated. */
+int numoe_membw(const int *cpus, int n_cpus, int64_t bytes, int repeats,
+                double *read_gbs, double *copy_gbs, double *triad_gbs);
