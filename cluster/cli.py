@@ -102,7 +102,52 @@ def build_parser() -> argparse.ArgumentParser:
                        help="timed repeats, the best counts (default: %(default)s)")
     membw.add_argument("--json", action="store_true", help="print JSON instead of a table")
     membw.set_defaults(handler=_run_membw)
+
+    plan = commands.add_parser(
+        "plan", help="plan which NUMA node holds which tensor slices, with memory and tok/s",
+        description="Tensor-parallel placement of a GGUF model on one host's NUMA nodes, from "
+                    "metadata alone: per-worker memory (weights + KV cache), bytes read per "
+                    "decode token and predicted decode tok/s.",
+    )
+    plan.add_argument("model", help="GGUF model file (only its metadata is read)")
+    plan.add_argument("--topology", dest="topology_file", default=None, metavar="FILE",
+                      help="JSON/YAML topology file (default: discover this machine)")
+    plan.add_argument("--virtual-numa", type=int, default=None, metavar="N",
+                      help="split the one NUMA node into N virtual nodes")
+    plan.add_argument("-c", "--ctx", type=int, default=4096,
+                      help="context tokens of KV cache per worker (default: %(default)s)")
+    plan.add_argument("-ot", "--override-tensor", action="append", default=[],
+                      metavar="REGEX=numaN", help="pin matching tensors whole to a node")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(handler=_run_plan)
     return parser
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    import json  # noqa: PLC0415
+
+    from cluster import topology as topo  # noqa: PLC0415
+    from cluster.gguf import open_gguf  # noqa: PLC0415
+    from cluster.model import load_model_spec  # noqa: PLC0415
+    from cluster.placement import (  # noqa: PLC0415
+        ModelSpec,
+        PlanOptions,
+        format_plan_table,
+        make_plan,
+        parse_override,
+    )
+
+    found = (topo.load_topology(args.topology_file) if args.topology_file
+             else topo.discover_local())
+    if args.virtual_numa is not None:
+        found = topo.virtual_numa(found, args.virtual_numa)
+    with open_gguf(args.model) as gguf:
+        config, tensors = load_model_spec(gguf)
+    options = PlanOptions(ctx=args.ctx,
+                          overrides=tuple(parse_override(text) for text in args.override_tensor))
+    result = make_plan(ModelSpec(config, tensors), found, options)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan_table(result))
+    return 0
 
 
 def _run_membw(args: argparse.Namespace) -> int:
