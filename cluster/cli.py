@@ -18,6 +18,7 @@ from cluster.errors import NumoeError
 
 if TYPE_CHECKING:
     from cluster.engine import GenerationStats
+    from cluster.topology import Topology
 
 # llama.cpp's sampling defaults (common/common.h), so `numoe generate` behaves like llama-cli.
 DEFAULT_TEMPERATURE = 0.8
@@ -126,7 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_plan(args: argparse.Namespace) -> int:
     import json  # noqa: PLC0415
 
-    from cluster import topology as topo  # noqa: PLC0415
     from cluster.gguf import open_gguf  # noqa: PLC0415
     from cluster.model import load_model_spec  # noqa: PLC0415
     from cluster.placement import (  # noqa: PLC0415
@@ -137,10 +137,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         parse_override,
     )
 
-    found = (topo.load_topology(args.topology_file) if args.topology_file
-             else topo.discover_local())
-    if args.virtual_numa is not None:
-        found = topo.virtual_numa(found, args.virtual_numa)
+    found = _topology_from_args(args)
     with open_gguf(args.model) as gguf:
         config, tensors = load_model_spec(gguf)
     options = PlanOptions(ctx=args.ctx,
@@ -150,16 +147,25 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _topology_from_args(args: argparse.Namespace) -> Topology:
+    """The hardware a subcommand works on: --topology FILE, else this machine, then split by
+    --virtual-numa N when given. Shared by plan, membw and topology."""
+    from cluster import topology as topo  # noqa: PLC0415
+
+    found = (topo.load_topology(args.topology_file) if args.topology_file
+             else topo.discover_local())
+    if args.virtual_numa is not None:
+        found = topo.virtual_numa(found, args.virtual_numa)
+    return found
+
+
 def _run_membw(args: argparse.Namespace) -> int:
     import json  # noqa: PLC0415
 
     from cluster import topology as topo  # noqa: PLC0415
     from worker import numa  # noqa: PLC0415
 
-    found = (topo.load_topology(args.topology_file) if args.topology_file
-             else topo.discover_local())
-    if args.virtual_numa is not None:
-        found = topo.virtual_numa(found, args.virtual_numa)
+    found = _topology_from_args(args)
     usable = os.sched_getaffinity(0)
     if args.topology_file:
         foreign = sorted({cpu for host in found.hosts for node in host.nodes
@@ -196,10 +202,7 @@ def _run_membw(args: argparse.Namespace) -> int:
 def _run_topology(args: argparse.Namespace) -> int:
     from cluster import topology as topo  # noqa: PLC0415
 
-    found = (topo.load_topology(args.topology_file) if args.topology_file
-             else topo.discover_local())
-    if args.virtual_numa is not None:
-        found = topo.virtual_numa(found, args.virtual_numa)
+    found = _topology_from_args(args)
     print(found.to_json() if args.json else topo.format_topology_table(found))
     return 0
 
