@@ -80,7 +80,7 @@ def test_every_split_byte_placed_once(spec: ModelSpec, file_tensor_bytes: dict[s
         if axis == len(tensor.shape) - 1:  # column slices hold whole quant blocks
             assert all(s.start % block_sizes[tensor.name] == 0 for s in tensor.shards)
     # 4 layers x (3 expert tensors + q, k, v, output) are split
-    assert n_split == spec.config.n_layers * 7
+    assert n_split == spec.config.n_layers * 7 + 1  # and the LM head, split by vocab rows
 
 
 def test_worker_memory_sums(spec: ModelSpec, file_tensor_bytes: dict[str, int],
