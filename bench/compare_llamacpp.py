@@ -23,23 +23,20 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.roofline import (  # noqa: E402 — repo root on the path first
+from bench.roofline import (  # noqa: E402
     DecodeTraffic,
     decode_traffic,
     measure_read_bandwidth_gbs,
     roofline_tokens_per_s,
 )
+from bench.runner_timing import RunnerTimer, Speed  # noqa: E402 — repo root on the path first
 from cluster.engine import Engine  # noqa: E402
 from cluster.gguf import open_gguf  # noqa: E402
 from cluster.model import load_model_spec  # noqa: E402
@@ -53,26 +50,6 @@ BANDWIDTH_SAMPLES = 5
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-@dataclass
-class Speed:
-    """Tokens per second of one test, one value per repeat."""
-
-    tokens: int  # tokens per repeat (PP or TG)
-    samples_tok_s: list[float] = field(default_factory=list)
-
-    @property
-    def median_tok_s(self) -> float:
-        return statistics.median(self.samples_tok_s)
-
-    @property
-    def mean_tok_s(self) -> float:
-        return statistics.fmean(self.samples_tok_s)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "median_tok_s": self.median_tok_s,
-                "mean_tok_s": self.mean_tok_s, "samples_tok_s": self.samples_tok_s}
 
 
 @dataclass
@@ -118,15 +95,6 @@ def run_llama_bench(model: Path, threads: int, pp: int, tg: int, repeats: int) -
 # --- numoe --------------------------------------------------------------------------------
 
 
-def random_token_ids(rng: np.random.Generator, count: int, vocab_size: int,
-                     bos_id: int | None) -> list[int]:
-    """llama-bench's ids: uniform over the vocabulary, the first one BOS if the model adds it."""
-    ids = [int(i) for i in rng.integers(0, vocab_size, count)]
-    if bos_id is not None:
-        ids[0] = bos_id
-    return ids
-
-
 def run_numoe(model: Path, threads: int, pp: int, tg: int, repeats: int,
               isa: str | None) -> EngineResult:
     log(f"numoe: loading {model.name} (cpu backend, {threads} threads)")
@@ -138,36 +106,8 @@ def run_numoe(model: Path, threads: int, pp: int, tg: int, repeats: int,
     tokenizer = engine.tokenizer
     bos_id = tokenizer.bos_id if tokenizer.add_bos else None
     vocab_size = engine.config.vocab_size
-    rng = np.random.default_rng(SEED)
-
-    # Each test starts at position 0: the runner then overwrites the cache from the start and
-    # attends only to positions it has written in this pass, which is an empty cache.
-    def prompt_pass() -> float:
-        ids = random_token_ids(rng, pp, vocab_size, bos_id)
-        started = time.perf_counter()
-        runner.forward(ids, 0, logits="last")
-        return time.perf_counter() - started
-
-    def decode_steps(n_steps: int) -> float:
-        ids = random_token_ids(rng, n_steps, vocab_size, bos_id)
-        started = time.perf_counter()
-        for position, token_id in enumerate(ids):
-            runner.forward([token_id], position, logits="last")
-        return time.perf_counter() - started
-
-    log("  numoe: warmup prompt run")
-    prompt_pass()
-    prompt = Speed(pp)
-    for repeat in range(repeats):
-        prompt.samples_tok_s.append(pp / prompt_pass())
-        log(f"  numoe: prompt run {repeat + 1}/{repeats}: {prompt.samples_tok_s[-1]:.2f} tok/s")
-    log("  numoe: warmup generation run")
-    decode_steps(1)
-    decode = Speed(tg)
-    for repeat in range(repeats):
-        decode.samples_tok_s.append(tg / decode_steps(tg))
-        log(f"  numoe: generation run {repeat + 1}/{repeats}: "
-            f"{decode.samples_tok_s[-1]:.2f} tok/s")
+    timer = RunnerTimer(runner.forward, vocab_size, bos_id, SEED)
+    prompt, decode = timer.measure(pp, tg, repeats, log, "numoe")
     details = {"isa": kernels.get_isa(), "load_s": engine.load_seconds}
     engine.close()
     return EngineResult("numoe", prompt, decode, details)
