@@ -142,3 +142,25 @@ int numoe_memory_policy(int *mode, uint64_t *nodemask);
  * -ENOMEM if the arrays cannot be allocated. */
 int numoe_membw(const int *cpus, int n_cpus, int64_t bytes, int repeats,
                 double *read_gbs, double *copy_gbs, double *triad_gbs);
+
+/* --- shared-memory all-reduce (src/shm_reduce.c; worker/shm_allreduce.py) -----------------
+ * Each rank owns one segment of numoe_shm_segment_bytes(capacity) bytes (capacity = float32
+ * values per reduction round), mapped by every rank of the group and zero-filled before its
+ * first use. Functions return 0 or a negative errno. */
+typedef enum {
+    NUMOE_SHM_KEY_LEN = 6,         /* key: step, layer, site, n_tokens, hidden, offset */
+    NUMOE_SHM_HEADER_BYTES = 64    /* slot header: seq, n, key; one cache line */
+} numoe_shm_layout;
+
+int64_t numoe_shm_segment_bytes(int64_t capacity);
+
+/* Round seq (1, 2, 3, ... on every rank in the same order) of an all-reduce of n <= capacity
+ * floats: publishes values and key in segments[rank], waits for every peer's round seq,
+ * checks that each peer's n and key equal ours, then out[i] = ((v0[i] + v1[i]) + v2[i]) + ...
+ * in rank order (bit-identical on every rank). Errors: -ETIMEDOUT when peers did not publish
+ * within timeout_s (*ranks = bit mask of them); -EPROTO when a peer published another key or
+ * n, or a later round (*ranks = its bit, peer_key[0..NUMOE_SHM_KEY_LEN] = its key then its n);
+ * -EINVAL for bad arguments (world_size <= 64). Spins, then yields, then sleeps while waiting. */
+int numoe_shm_all_reduce(void *const *segments, int world_size, int rank, int64_t capacity,
+                         int64_t seq, const int64_t *key, const float *values, int64_t n,
+                         double timeout_s, float *out, uint64_t *ranks, int64_t *peer_key);
