@@ -105,12 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     membw.set_defaults(handler=_run_membw)
 
     plan = commands.add_parser(
-        "plan", help="plan which NUMA node holds which tensor slices, with memory and tok/s",
-        description="Tensor-parallel placement of a GGUF model on one host's NUMA nodes, from "
-                    "metadata alone: per-worker memory (weights + KV cache), bytes read per "
-                    "decode token and predicted decode tok/s.",
+        "plan", help="plan which worker (NUMA node or GPU) holds which tensor slices, with "
+                     "memory and predicted tok/s",
+        description="Placement of a GGUF model, or of a built-in description such as "
+                    "deepseek-v3:Q4_K_M, from metadata alone: tensor parallel across a host's "
+                    "NUMA nodes, a GPU for what every token reads, pipeline stages across "
+                    "hosts; per-worker memory (weights + KV cache), bytes read per decode "
+                    "token and predicted decode / prompt tok/s.",
     )
-    plan.add_argument("model", help="GGUF model file (only its metadata is read)")
+    plan.add_argument("model", nargs="?", default=None,
+                      help="GGUF model file (only its metadata is read), or NAME:QUANT of a "
+                           "built-in description (see --list-models)")
+    plan.add_argument("--list-models", action="store_true",
+                      help="list the built-in model descriptions and quant recipes, then exit")
     plan.add_argument("--topology", dest="topology_file", default=None, metavar="FILE",
                       help="JSON/YAML topology file (default: discover this machine)")
     plan.add_argument("--virtual-numa", type=int, default=None, metavar="N",
@@ -118,7 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("-c", "--ctx", type=int, default=4096,
                       help="context tokens of KV cache per worker (default: %(default)s)")
     plan.add_argument("-ot", "--override-tensor", action="append", default=[],
-                      metavar="REGEX=numaN", help="pin matching tensors whole to a node")
+                      metavar="REGEX=TARGET",
+                      help="pin tensors whose name REGEX finds whole to numaN or gpuN, or keep "
+                           "them off the GPU with cpu (repeatable; the first match wins)")
+    plan.add_argument("--strategy", choices=("tensor_parallel", "expert_parallel"),
+                      default="tensor_parallel",
+                      help="how a host's NUMA nodes share the routed experts "
+                           "(default: %(default)s)")
+    plan.add_argument("--layer-split", default=None, metavar="N,N,...",
+                      help="layers per host, in host order (default: as even as can be)")
+    plan.add_argument("--gpu", choices=("auto", "on", "off"), default="auto",
+                      help="use a host's GPU for attention, dense and shared-expert layers, "
+                           "the LM head and the KV cache: auto = when it fits "
+                           "(default: %(default)s)")
+    plan.add_argument("--bandwidth", type=float, default=None, metavar="GBS",
+                      help="read GB/s per NUMA node where the topology gives none (default: "
+                           "50; `numoe membw` measures it)")
+    plan.add_argument("--depth", type=int, default=0, metavar="N",
+                      help="tokens already in the KV cache for the decode prediction "
+                           "(default: %(default)s)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(handler=_run_plan)
     return parser
@@ -126,9 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_plan(args: argparse.Namespace) -> int:
     import json  # noqa: PLC0415
+    from dataclasses import replace  # noqa: PLC0415
 
-    from cluster.gguf import open_gguf  # noqa: PLC0415
-    from cluster.model import load_model_spec  # noqa: PLC0415
+    from cluster import catalog  # noqa: PLC0415
     from cluster.placement import (  # noqa: PLC0415
         ModelSpec,
         PlanOptions,
@@ -137,12 +162,36 @@ def _run_plan(args: argparse.Namespace) -> int:
         parse_override,
     )
 
-    found = _topology_from_args(args)
-    with open_gguf(args.model) as gguf:
-        config, tensors = load_model_spec(gguf)
-    options = PlanOptions(ctx=args.ctx,
+    if args.list_models:
+        print(catalog.format_catalog())
+        return 0
+    if args.model is None:
+        raise NumoeError("plan: give a GGUF file or a built-in NAME:QUANT (numoe plan "
+                         "--list-models lists them)")
+    if os.path.exists(args.model) or not catalog.looks_like_catalog_name(args.model):
+        from cluster.gguf import open_gguf  # noqa: PLC0415
+        from cluster.model import load_model_spec  # noqa: PLC0415
+
+        with open_gguf(args.model) as gguf:  # only the metadata and tensor index are read
+            spec = ModelSpec(*load_model_spec(gguf))
+    else:  # a built-in description, e.g. deepseek-v3:Q4_K_M
+        described = catalog.describe(args.model)
+        spec = ModelSpec(described.config, described.tensors)
+    layer_split: tuple[int, ...] = ()
+    if args.layer_split:
+        try:
+            layer_split = tuple(int(part) for part in args.layer_split.split(","))
+        except ValueError as error:
+            raise NumoeError(f"--layer-split {args.layer_split!r}: give comma-separated layer "
+                             f"counts, one per host, e.g. 31,30") from error
+    if args.bandwidth is not None and args.bandwidth <= 0:
+        raise NumoeError(f"--bandwidth {args.bandwidth}: give a positive number of GB/s")
+    options = PlanOptions(ctx=args.ctx, strategy=args.strategy, layer_split=layer_split,
+                          gpu=args.gpu, decode_depth=args.depth,
                           overrides=tuple(parse_override(text) for text in args.override_tensor))
-    result = make_plan(ModelSpec(config, tensors), found, options)
+    if args.bandwidth is not None:
+        options = replace(options, default_bandwidth_gbs=args.bandwidth)
+    result = make_plan(spec, _topology_from_args(args), options)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan_table(result))
     return 0
 

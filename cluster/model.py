@@ -70,10 +70,32 @@ class ModelConfig:
     has_qk_norm: bool  # RMSNorm over each head of q and k before RoPE
     has_post_norms: bool  # Gemma: RMSNorm on the attention and FFN outputs before the residual
     tied_output: bool  # LM head reuses token_embd.weight (no output.weight tensor)
+    # Optional (defaults keep every constructor above valid). Set by cluster.catalog for the
+    # families numoe can plan but not run yet (deepseek2, glm4moe).
+    n_dense_layers: int = 0  # leading layers with a dense FFN in an MoE model (first_k_dense)
+    n_shared_experts: int = 0  # always-on experts per MoE layer (ffn_*_shexp tensors)
+    q_lora_rank: int = 0  # MLA: rank of the compressed query (0 = one plain q projection)
+    kv_lora_rank: int = 0  # MLA: width of the compressed KV latent; 0 = not MLA
+    qk_rope_head_dim: int = 0  # MLA: RoPE part of a head's query/key (one rope key per token)
+    n_nextn_layers: int = 0  # multi-token-prediction layers stored after n_layers, never run
 
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
+
+    @property
+    def is_mla(self) -> bool:
+        """Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2)."""
+        return self.kv_lora_rank > 0
+
+    @property
+    def kv_cache_width(self) -> int:
+        """KV-cache elements per token per layer. MLA caches the compressed latent and the one
+        shared RoPE key (kv_lora_rank + qk_rope_head_dim, as llama.cpp does), not per-head keys
+        and values; other attention caches k and v of every kv head."""
+        if self.is_mla:
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return self.n_kv_heads * (self.head_dim + self.value_head_dim)
 
     @property
     def q_width(self) -> int:

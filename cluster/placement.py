@@ -1,12 +1,12 @@
 """Placement: (model metadata, topology, options) -> Plan of which worker holds which bytes.
 
 `make_plan` is a pure function of metadata: it reads tensor names, quant types, shapes and byte
-sizes (a GGUF's tensor index, no weights) and the topology, and does no I/O. The Plan is frozen
-and `to_dict()` gives plain JSON-ready data.
+sizes (a GGUF's tensor index, or a built-in description from cluster.catalog; no weights) and
+the topology, and does no I/O. The Plan is frozen and `to_dict()` gives plain JSON-ready data.
 
-One worker per NUMA node; ranks number the nodes host by host. Across hosts the plan is a
+One CPU worker per NUMA node; ranks number the nodes host by host. Across hosts the plan is a
 pipeline: host s is stage s and computes a contiguous range of layers (the first stage also
-embeds the tokens, the last one applies the LM head). Inside a stage the workers split every
+embeds the tokens, the last one applies the LM head). Inside a stage the CPU workers split every
 layer (tensor parallel, the default):
 
 * routed expert tensors (`*_exps`) are split along the expert intermediate dimension: gate/up
@@ -14,22 +14,35 @@ layer (tensor parallel, the default):
   multiples of the down tensor's quant block, so every slice holds whole blocks. With
   strategy "expert_parallel" they are split by whole experts instead (axis 0);
 * dense FFN and shared-expert tensors are split the same way (gate/up rows, down columns);
-* attention is split by KV-head groups: worker r owns kv heads [k0, k1), so q rows of the query
-  heads of those groups, k/v rows of those kv heads and the matching attn_output columns;
+* attention is split by KV-head groups: worker r owns kv heads [k0, k1), so q rows (and biases)
+  of the query heads of those groups, k/v rows of those kv heads and the matching attn_output
+  columns. Multi-head latent attention (MLA: DeepSeek, Kimi) is replicated: every head reads
+  the one shared latent KV cache, so each worker holds the whole block and cache;
 * the LM head (output.weight) is split by vocabulary rows; each last-stage worker computes the
   logits of its `vocab` range and the coordinator concatenates them. A tied LM head
   (token_embd) is replicated and each worker reads only its rows;
 * everything else (embeddings, norms, router) is replicated on the stage's workers.
 
-Every block (attention, FFN) whose tensors are split ends in an all-reduce of the stage's
-partial sums; `block_is_split` says which do, so executors never re-derive the layout.
-* `PlanOptions.overrides` pins tensors whose name matches a regex whole to one node, the way
-  llama.cpp users write `--override-tensor 'blk\\..*\\.ffn_.*_exps\\.=numa0'`.
+A host with a GPU gets one GPU worker more (the last rank of its stage, `device` "cuda:N"),
+the KTransformers split: it holds every attention tensor, the dense FFN and shared-expert
+tensors of the layers it runs, the LM head, and with them the KV cache; the routed experts (and
+their router) stay on the CPU workers, split as above. Those tensors are "pinned" to the GPU
+worker (the CPU workers contribute zeros to the block's all-reduce). Embeddings and norms stay
+replicated, since every worker keeps its own copy of the residual stream. `PlanOptions.gpu`:
+"auto" uses the GPU when that part fits in its memory (else a note and a CPU-only plan), "on"
+refuses when it does not fit, "off" never uses one. One GPU per host: the largest.
+
+Every block (attention, FFN) whose tensors are not all held whole by every stage worker ends in
+an all-reduce of the stage's partial sums; `block_is_split` says which do, so executors never
+re-derive the layout. `PlanOptions.overrides` pins tensors whose name a regex finds, the way
+llama.cpp users write `-ot 'blk\\..*\\.ffn_.*_exps\\.=numa0'`: to a node (numaN), to the GPU
+(gpuN or cudaN), or off the GPU (cpu: the CPU layout above).
 
 Bytes per decode token follow bench/roofline.py: non-expert slices fully, expert slices times
 n_experts_used / n_experts, one row of token_embd (all of it when it is the tied LM head).
-Predicted decode tok/s = min over workers of node read bandwidth / that worker's bytes per
-token (communication is not modelled yet).
+Layers past config.n_layers (a multi-token-prediction head, GLM-4.6's layer 92) are held by the
+last stage's CPU workers and never read. cluster/predict.py turns the bytes into predicted decode
+and prompt tok/s.
 """
 
 from __future__ import annotations
@@ -42,23 +55,39 @@ from typing import Any, Protocol
 from cluster.errors import NumoeError
 from cluster.gguf import type_block
 from cluster.model import ModelConfig
-from cluster.topology import GIB, Host, Topology
+from cluster.predict import (
+    EXPERT_SUFFIX,  # noqa: F401 - part of this module's interface since it was first written
+    TOKEN_EMBEDDING,
+    Calibration,
+    Prediction,
+    WorkerLoad,
+    WorkerRate,
+    gpu_spec,
+    predict,
+    prediction_from_dict,
+    tally,
+)
+from cluster.topology import GIB, Gpu, Host, Topology
 
 STRATEGY_TENSOR_PARALLEL = "tensor_parallel"
 STRATEGY_EXPERT_PARALLEL = "expert_parallel"
 STRATEGIES = (STRATEGY_TENSOR_PARALLEL, STRATEGY_EXPERT_PARALLEL)
+GPU_MODES = ("auto", "on", "off")
 OUTPUT = "output.weight"
 OUTPUT_NORM = "output_norm.weight"
-TOKEN_EMBEDDING = "token_embd.weight"
-EXPERT_SUFFIX = "_exps.weight"
 DEFAULT_BANDWIDTH_GBS = 50.0  # assumed per-node read bandwidth when the topology lacks one
-_ATTENTION = re.compile(r"blk\.\d+\.attn_(q|k|v|output)\.weight")
+# Split by kv heads: q/k/v rows with their biases, attn_output columns (no output bias here).
+_ATTENTION = re.compile(r"blk\.\d+\.attn_(q|k|v|output)\.(weight|bias)(?<!output\.bias)")
+# Every tensor of an attention block, GQA or MLA: what the attention all-reduce closes.
+_ATTENTION_BLOCK = re.compile(
+    r"blk\.\d+\.attn_(q|k|v|output|q_a|q_b|kv_a_mqa|k_b|v_b|kv_b)\.(weight|bias)")
 _EXPERT = re.compile(r"blk\.\d+\.ffn_(gate|up|down)_exps\.weight")
 # Dense FFN and shared experts: split along their intermediate dimension like routed experts.
 _DENSE_FFN = re.compile(r"blk\.\d+\.ffn_(gate|up|down)(_shexp)?\.weight")
 _FFN_BLOCK = re.compile(r"blk\.\d+\.ffn_(gate|up|down)(_exps|_shexp)?\.weight")
+_ROUTER = re.compile(r"blk\.\d+\.(ffn_gate_inp\.weight|exp_probs_b\.bias)")
 _LAYER = re.compile(r"blk\.(\d+)\.")
-_OVERRIDE_NODE = re.compile(r"numa(\d+)")
+_PIN_TARGET = re.compile(r"(numa|gpu|cuda)(\d+)|cpu", re.IGNORECASE)
 
 
 class PlanError(NumoeError):
@@ -88,10 +117,16 @@ class ModelSpec:
 class PlanOptions:
     ctx: int = 4096  # tokens of KV cache each worker reserves
     kv_bytes_per_element: int = 2  # f16 KV cache
-    overrides: tuple[tuple[str, str], ...] = ()  # (regex, "numaN"): matching tensors whole to N
+    # (regex, target): matching tensors whole to "numaN" or "gpuN", or off the GPU ("cpu")
+    overrides: tuple[tuple[str, str], ...] = ()
     default_bandwidth_gbs: float = DEFAULT_BANDWIDTH_GBS
     strategy: str = STRATEGY_TENSOR_PARALLEL  # how a stage splits the routed experts
     layer_split: tuple[int, ...] = ()  # layers per pipeline stage (default: as even as can be)
+    gpu: str = "auto"  # "auto" | "on" | "off": see the module docstring
+    gpu_bandwidth_gbs: float = 0.0  # 0 = by the GPU's name (cluster.predict.KNOWN_GPUS)
+    gpu_reserve_bytes: int = GIB  # VRAM left for the CUDA context, activations and workspaces
+    decode_depth: int = 0  # tokens already in the KV cache when decode speed is predicted
+    calibration: Calibration = field(default_factory=Calibration)  # the speed model's constants
 
 
 @dataclass(frozen=True)
@@ -112,8 +147,8 @@ class TensorPlacement:
     ggml_type: int
     shape: tuple[int, ...]
     n_bytes: int
-    replicated: bool  # every worker holds all of it
-    pinned: bool  # placed whole by a user override
+    replicated: bool  # every holder has all of it (each needs it whole)
+    pinned: bool  # placed whole on one worker of its stage: by a user override or the GPU rule
     shards: tuple[Shard, ...]
 
     @property
@@ -135,20 +170,22 @@ class StagePlan:
 class WorkerPlan:
     rank: int
     host: str
-    node_id: int
+    node_id: int  # the NUMA node it runs on (a GPU worker: the node its GPU hangs off)
     stage: int  # pipeline stage (index into Plan.stages)
     tp_rank: int  # this worker's index inside its stage
     layers: tuple[int, int]  # [start, stop) of the layers it computes
-    vocab: tuple[int, int]  # [start, stop) of the logits it computes; (0, 0) off the last stage
+    vocab: tuple[int, int]  # [start, stop) of the logits it computes; (0, 0) if none
     cpus: tuple[int, ...]
-    node_memory_bytes: int
+    node_memory_bytes: int  # a GPU worker: its VRAM less PlanOptions.gpu_reserve_bytes
     kv_heads: tuple[int, int]  # [start, stop) of the kv heads this worker attends over
     weight_bytes: int
     kv_bytes: int
     decode_bytes_per_token: int
     bandwidth_gbs: float
-    bandwidth_assumed: bool  # True when the topology gave no bandwidth for this node
+    bandwidth_assumed: bool  # True when neither topology nor options gave a bandwidth
     n_tensors: int
+    device: str = "cpu"  # "cpu", or "cuda:N" for a GPU worker (N: the CUDA device index)
+    compute_gflops: float = 0.0  # sustained FLOP/s the prompt prediction assumes, in GFLOP/s
 
     @property
     def total_bytes(self) -> int:
@@ -156,6 +193,7 @@ class WorkerPlan:
 
     @property
     def predicted_decode_tok_s(self) -> float:
+        """This worker's roofline alone: its bandwidth over its bytes per token."""
         if self.decode_bytes_per_token == 0:
             return float("inf")
         return self.bandwidth_gbs * 1e9 / self.decode_bytes_per_token
@@ -170,15 +208,23 @@ class Plan:
     workers: tuple[WorkerPlan, ...]
     tensors: tuple[TensorPlacement, ...]
     notes: tuple[str, ...] = field(default=())  # assumptions and fallbacks, in words
+    prediction: Prediction | None = None  # cluster.predict's speed model of this plan
 
     @property
     def predicted_decode_tok_s(self) -> float:
-        """Stages run one after another; a stage's workers in parallel (the slowest bounds it)."""
+        """The speed model's decode tok/s; without one, stages one after another, each bound
+        by its slowest worker's roofline."""
+        if self.prediction is not None:
+            return self.prediction.decode_tok_s
         seconds = 0.0
         for stage in self.stages:
             slowest = min(self.workers[rank].predicted_decode_tok_s for rank in stage.ranks)
             seconds += 1.0 / slowest if slowest > 0 else float("inf")
         return 1.0 / seconds if seconds > 0 else float("inf")
+
+    @property
+    def predicted_prompt_tok_s(self) -> float:
+        return self.prediction.prompt_tok_s if self.prediction is not None else 0.0
 
     def shards_of(self, rank: int) -> list[tuple[TensorPlacement, Shard]]:
         """Every tensor `rank` holds, with its piece of it, in file order."""
@@ -189,14 +235,8 @@ class Plan:
         """Whether the stage's workers each compute a part of `block` ("attention" or "ffn") of
         `layer`, so its output must be all-reduced; False when each computes all of it."""
         prefix = f"blk.{layer}."
-        pattern = _ATTENTION if block == "attention" else _FFN_BLOCK
-        ranks = set(self.stages[stage].ranks)
-        for tensor in self.tensors:
-            if tensor.name.startswith(prefix) and pattern.fullmatch(tensor.name):
-                held = [s for s in tensor.shards if s.rank in ranks]
-                if len(ranks) > 1 and not (tensor.replicated and len(held) == len(ranks)):
-                    return True
-        return False
+        return _is_split([t for t in self.tensors if t.name.startswith(prefix)], block,
+                         set(self.stages[stage].ranks))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data; `plan_from_dict` turns it back into the same Plan."""
@@ -213,9 +253,22 @@ class Plan:
             tensors.append(data)
         return _jsonable({"strategy": self.strategy, "architecture": self.architecture,
                           "ctx": self.ctx, "predicted_decode_tok_s": self.predicted_decode_tok_s,
+                          "predicted_prompt_tok_s": self.predicted_prompt_tok_s,
+                          "prediction": (None if self.prediction is None
+                                         else asdict(self.prediction)),
                           "notes": list(self.notes),
                           "stages": [asdict(stage) for stage in self.stages],
                           "workers": workers, "tensors": tensors})
+
+
+def _is_split(layer_tensors: Sequence[TensorPlacement], block: str, ranks: set[int]) -> bool:
+    pattern = _ATTENTION_BLOCK if block == "attention" else _FFN_BLOCK
+    for tensor in layer_tensors:
+        if pattern.fullmatch(tensor.name):
+            held = [s for s in tensor.shards if s.rank in ranks]
+            if len(ranks) > 1 and not (tensor.replicated and len(held) == len(ranks)):
+                return True
+    return False
 
 
 def _jsonable(value: Any) -> Any:
@@ -241,12 +294,14 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
             TensorPlacement(**{**_fields_of(TensorPlacement, t),
                                "shards": tuple(Shard(**s) for s in t["shards"])})
             for t in data["tensors"])
+        prediction = data.get("prediction")
         return Plan(strategy=data["strategy"], architecture=data["architecture"],
                     ctx=int(data["ctx"]),
                     stages=tuple(StagePlan(**_fields_of(StagePlan, s)) for s in data["stages"]),
                     workers=tuple(WorkerPlan(**_fields_of(WorkerPlan, w))
                                   for w in data["workers"]),
-                    tensors=tensors, notes=tuple(data.get("notes", ())))
+                    tensors=tensors, notes=tuple(data.get("notes", ())),
+                    prediction=None if prediction is None else prediction_from_dict(prediction))
     except (KeyError, TypeError, ValueError) as error:
         raise PlanError(f"not a numoe plan ({error}); make one with `numoe plan --json`") \
             from error
@@ -256,17 +311,22 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
 
 
 def parse_override(text: str) -> tuple[str, str]:
-    """`REGEX=numaN` (llama.cpp's --override-tensor form) -> (regex, "numaN")."""
+    """`REGEX=TARGET` (llama.cpp's --override-tensor form) -> (regex, target), TARGET one of
+    numaN, gpuN / cudaN (normalised to gpuN) or cpu, in any case."""
     pattern, sep, target = text.rpartition("=")
-    if not sep or not pattern or _OVERRIDE_NODE.fullmatch(target) is None:
-        raise PlanError(f"--override-tensor {text!r}: write REGEX=numaN, e.g. "
-                        f"'blk\\..*\\.ffn_.*_exps\\.=numa0'")
+    match = _PIN_TARGET.fullmatch(target)
+    if not sep or not pattern or match is None:
+        raise PlanError(f"--override-tensor {text!r}: write REGEX=numaN, REGEX=gpuN or "
+                        f"REGEX=cpu, e.g. 'blk\\..*\\.ffn_.*_exps\\.=numa0'")
     try:
         re.compile(pattern)
     except re.error as error:
         raise PlanError(f"--override-tensor {text!r}: {pattern!r} is not a valid regular "
                         f"expression ({error}); fix the pattern") from error
-    return pattern, target
+    if match.group(1) is None:
+        return pattern, "cpu"
+    kind = "numa" if match.group(1).lower() == "numa" else "gpu"
+    return pattern, f"{kind}{int(match.group(2))}"
 
 
 def _even_ranges(units: int, parts: int) -> list[tuple[int, int]]:
@@ -306,6 +366,9 @@ def _stage_layers(n_layers: int, n_stages: int, layer_split: tuple[int, ...]
 def _attention_split(config: ModelConfig, tensors: Mapping[str, TensorLike],
                      n_workers: int) -> tuple[list[tuple[int, int]] | None, str | None]:
     """kv-head ranges per worker, or None (and why) when attention must be replicated."""
+    if config.is_mla:
+        return None, ("MLA attention replicated: all heads read one shared latent KV cache, "
+                      "so each worker holds the whole attention block and cache")
     if n_workers == 1:
         return [(0, config.n_kv_heads)], None
     if config.n_kv_heads < n_workers:
@@ -372,13 +435,19 @@ def _split_ffn(name: str, tensor: TensorLike, tensors: Mapping[str, TensorLike],
                  for rank, (a, b) in zip(ranks, cache[down_name], strict=True))
 
 
+def _layer_of(name: str) -> int | None:
+    match = _LAYER.match(name)
+    return int(match.group(1)) if match else None
+
+
 def _holding_stages(name: str, config: ModelConfig, stage_layers: list[tuple[int, int]]
                     ) -> list[int]:
     """Which pipeline stages need tensor `name`."""
     last = len(stage_layers) - 1
-    match = _LAYER.match(name)
-    if match:
-        layer = int(match.group(1))
+    layer = _layer_of(name)
+    if layer is not None:
+        if layer >= config.n_layers:  # multi-token-prediction layers: held, never run
+            return [last]
         return [s for s, (a, b) in enumerate(stage_layers) if a <= layer < b]
     if name == TOKEN_EMBEDDING:
         return sorted({0, last}) if config.tied_output else [0]
@@ -387,63 +456,66 @@ def _holding_stages(name: str, config: ModelConfig, stage_layers: list[tuple[int
     return list(range(len(stage_layers)))  # model-wide small tensors (e.g. rope factors)
 
 
+# --- the layout -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Pin:
+    regex: re.Pattern[str]
+    kind: str  # "numa" | "gpu" | "cpu"
+    index: int  # node id or GPU index; -1 for cpu
+
+
+@dataclass(frozen=True)
+class _StageGpu:
+    """The GPU a stage uses and the node it hangs off."""
+
+    gpu: Gpu
+    node_index: int  # index into the host's nodes
+
+    def driver_cpu(self, host: Host) -> int:
+        """The CPU the GPU worker's host thread runs on (taken from its node's CPU worker)."""
+        return host.nodes[self.node_index].cpus[-1]
+
+
+@dataclass(frozen=True)
+class _Stage:
+    plan: StagePlan
+    cpu_ranks: tuple[int, ...]
+    gpu_rank: int | None
+    gpu: _StageGpu | None
+
+
 def make_plan(model: ModelSpec, topology: Topology, options: PlanOptions) -> Plan:
     config = model.config
-    if options.ctx < 0:
-        raise PlanError(f"--ctx {options.ctx}: give a context of at least 0 tokens")
-    if options.strategy not in STRATEGIES:
-        raise PlanError(f"strategy {options.strategy!r} is unknown; choose one of "
-                        f"{', '.join(STRATEGIES)}")
+    _check_options(options)
     hosts = topology.hosts
     stage_layers = _stage_layers(config.n_layers, len(hosts), options.layer_split)
-    stages: list[StagePlan] = []
-    next_rank = 0
-    for index, host in enumerate(hosts):
-        ranks = tuple(range(next_rank, next_rank + len(host.nodes)))
-        next_rank += len(host.nodes)
-        stages.append(StagePlan(index, host.name, stage_layers[index], ranks))
-
     pins = _compile_pins(options, hosts)
-    notes: list[str] = []
     unique = {tensor.name: tensor for tensor in model.tensors.values()}  # drop aliases
-    kv_ranges: list[list[tuple[int, int]] | None] = []
-    for stage in stages:
-        ranges, why_replicated = _attention_split(config, unique, len(stage.ranks))
-        kv_ranges.append(ranges)
-        if why_replicated and len(stage.ranks) > 1:
-            notes.append(f"{stage.host}: {why_replicated}")
-    ffn_ranges: list[dict[str, list[tuple[int, int]]]] = [{} for _ in stages]
-
-    placements: list[TensorPlacement] = []
-    for name, tensor in unique.items():
-        shards: list[Shard] = []
-        pinned = False
-        for s in _holding_stages(name, config, stage_layers):
-            stage = stages[s]
-            ranks = stage.ranks
-            pinned_node = next((node for regex, node in pins if regex.search(name)), None)
-            if pinned_node is not None:
-                pinned = True
-                shards.append(Shard(_rank_of_node(hosts[s], stage, pinned_node, name), None, 0, 0,
-                                    tensor.n_bytes))
-            elif len(ranks) > 1 and (_EXPERT.fullmatch(name) or _DENSE_FFN.fullmatch(name)):
-                shards += _split_ffn(name, tensor, unique, ranks, options, config, ffn_ranges[s])
-            elif len(ranks) > 1 and _ATTENTION.fullmatch(name) and kv_ranges[s] is not None:
-                shards += _split_attention(name, tensor, config, kv_ranges[s], ranks)
-            elif len(ranks) > 1 and name == OUTPUT:
-                shards += [Shard(rank, 0, a, b, _slice_bytes(tensor, 0, a, b))
-                           for rank, (a, b) in zip(ranks, _even_ranges(tensor.shape[0],
-                                                                       len(ranks)), strict=True)]
-            else:
-                shards += [Shard(rank, None, 0, 0, tensor.n_bytes) for rank in ranks]
-        replicated = all(shard.axis is None for shard in shards) and not pinned
-        placements.append(TensorPlacement(name, tensor.ggml_type, tuple(tensor.shape),
-                                          tensor.n_bytes, replicated, pinned, tuple(shards)))
-
-    _check_blocks(placements)
-    workers = _worker_plans(config, hosts, stages, placements, kv_ranges, options, notes)
+    gpus = [_choose_gpu(host, pins, options) for host in hosts]
+    if options.gpu == "on" and not any(gpus):
+        raise PlanError("--gpu on, but the topology has no GPU; add one to the topology file "
+                        "or use --gpu auto")
+    fallbacks: list[str] = []
+    while True:
+        notes: list[str] = []
+        stages = _stages(hosts, stage_layers, gpus)
+        placements = _place(config, unique, hosts, stages, stage_layers, pins, options, notes)
+        _check_blocks(placements)
+        workers, loads, rates = _worker_plans(config, hosts, stages, placements, options, notes)
+        over = [w for w in workers if w.device != "cpu" and w.total_bytes > w.node_memory_bytes]
+        if not over:
+            break
+        for worker in over:
+            message = _gpu_shortfall(worker, options)
+            pinned_here = any(p.kind == "gpu" for p in pins)
+            if options.gpu == "on" or pinned_here:
+                raise PlanError(f"{message}; use --gpu off, a lower --ctx, or pin less to it")
+            fallbacks.append(f"{message}; planned without it")
+            gpus[worker.stage] = None
     for worker in workers:
-        if worker.total_bytes > worker.node_memory_bytes:
+        if worker.device == "cpu" and worker.total_bytes > worker.node_memory_bytes:
             shortfall = (worker.total_bytes - worker.node_memory_bytes) / GIB
             raise PlanError(
                 f"the model does not fit: worker {worker.rank} on host {worker.host!r} node "
@@ -451,21 +523,182 @@ def make_plan(model: ModelSpec, topology: Topology, options: PlanOptions) -> Pla
                 f"{worker.weight_bytes / GIB:.2f} + KV cache {worker.kv_bytes / GIB:.2f}) but "
                 f"the node has {worker.node_memory_bytes / GIB:.2f} GiB, {shortfall:.2f} GiB "
                 f"short; use more NUMA nodes, a smaller quant type, or a lower --ctx")
-    return Plan(options.strategy, config.architecture, options.ctx, tuple(stages),
-                tuple(workers), tuple(placements), tuple(notes))
+    fallbacks += [_idle_gpus_note(host, chosen) for host, chosen in zip(hosts, gpus, strict=True)
+                  if chosen is not None and sum(len(node.gpus) for node in host.nodes) > 1]
+    stage_plans = tuple(stage.plan for stage in stages)
+    moe_layers = {_layer_of(p.name) for p in placements if _EXPERT.fullmatch(p.name)}
+    prediction = predict(
+        [s.ranks for s in stage_plans], [s.layers[1] - s.layers[0] for s in stage_plans],
+        [config.n_experts_used * sum(layer in moe_layers for layer in range(*s.layers))
+         for s in stage_plans],
+        _reduces_per_stage(placements, stage_plans), rates, loads, options.calibration,
+        options.decode_depth)
+    return Plan(options.strategy, config.architecture, options.ctx, stage_plans,
+                tuple(workers), tuple(placements), tuple(fallbacks + notes), prediction)
 
 
-def _compile_pins(options: PlanOptions, hosts: Sequence[Host]
-                  ) -> list[tuple[re.Pattern[str], int]]:
+def _check_options(options: PlanOptions) -> None:
+    if options.ctx < 0:
+        raise PlanError(f"--ctx {options.ctx}: give a context of at least 0 tokens")
+    if options.strategy not in STRATEGIES:
+        raise PlanError(f"strategy {options.strategy!r} is unknown; choose one of "
+                        f"{', '.join(STRATEGIES)}")
+    if options.gpu not in GPU_MODES:
+        raise PlanError(f"--gpu {options.gpu!r}: choose one of {', '.join(GPU_MODES)}")
+    if options.decode_depth < 0:
+        raise PlanError(f"--depth {options.decode_depth}: give at least 0 tokens")
+
+
+def _gpu_shortfall(worker: WorkerPlan, options: PlanOptions) -> str:
+    short = (worker.total_bytes - worker.node_memory_bytes) / GIB
+    return (f"GPU {worker.device} on host {worker.host!r} would hold "
+            f"{worker.total_bytes / GIB:.2f} GiB (weights {worker.weight_bytes / GIB:.2f} + KV "
+            f"cache {worker.kv_bytes / GIB:.2f}) but has {worker.node_memory_bytes / GIB:.2f} "
+            f"GiB free after a {options.gpu_reserve_bytes / GIB:.2f} GiB reserve, "
+            f"{short:.2f} GiB short")
+
+
+def _choose_gpu(host: Host, pins: Sequence[_Pin], options: PlanOptions) -> _StageGpu | None:
+    """The host's GPU the plan uses: one the pins name, else the one with the most memory."""
+    if options.gpu == "off":
+        return None
+    found = [_StageGpu(gpu, i) for i, node in enumerate(host.nodes) for gpu in node.gpus]
+    named = {p.index for p in pins if p.kind == "gpu"}
+    chosen = [g for g in found if g.gpu.index in named] or found
+    if len({g.gpu.index for g in chosen}) > 1 and named:
+        raise PlanError(f"overrides pin tensors to GPUs {sorted(named)} of host {host.name!r}; "
+                        f"numoe plans one GPU worker per host: pin to one of them")
+    if not chosen:
+        return None
+    return max(chosen, key=lambda g: (g.gpu.memory_bytes, -g.gpu.index))
+
+
+def _idle_gpus_note(host: Host, chosen: _StageGpu) -> str:
+    idle = [gpu.index for node in host.nodes for gpu in node.gpus if gpu.index != chosen.gpu.index]
+    return (f"{host.name}: plans GPU {chosen.gpu.index} only (one GPU worker per host); "
+            f"GPU {', '.join(map(str, idle))} stays idle")
+
+
+def _stages(hosts: Sequence[Host], stage_layers: list[tuple[int, int]],
+            gpus: Sequence[_StageGpu | None]) -> list[_Stage]:
+    stages, next_rank = [], 0
+    for index, host in enumerate(hosts):
+        cpu_ranks = tuple(range(next_rank, next_rank + len(host.nodes)))
+        gpu_rank = next_rank + len(host.nodes) if gpus[index] is not None else None
+        ranks = cpu_ranks + ((gpu_rank,) if gpu_rank is not None else ())
+        next_rank += len(ranks)
+        stages.append(_Stage(StagePlan(index, host.name, stage_layers[index], ranks),
+                             cpu_ranks, gpu_rank, gpus[index]))
+    return stages
+
+
+def _on_gpu_by_default(name: str, config: ModelConfig) -> bool:
+    """The KTransformers split: what every token reads goes to the GPU; routed experts don't."""
+    layer = _layer_of(name)
+    if layer is not None:
+        return layer < config.n_layers and bool(
+            _ATTENTION_BLOCK.fullmatch(name) or _DENSE_FFN.fullmatch(name))
+    return name == OUTPUT
+
+
+def _place(config: ModelConfig, unique: Mapping[str, TensorLike], hosts: Sequence[Host],
+           stages: Sequence[_Stage], stage_layers: list[tuple[int, int]], pins: Sequence[_Pin],
+           options: PlanOptions, notes: list[str]) -> list[TensorPlacement]:
+    kv_ranges: list[list[tuple[int, int]] | None] = []
+    for stage in stages:
+        ranges, why_replicated = _attention_split(config, unique, len(stage.cpu_ranks))
+        kv_ranges.append(ranges)
+        attention_on_cpu = stage.gpu_rank is None or any(p.kind == "cpu" for p in pins)
+        if why_replicated and len(stage.cpu_ranks) > 1 and attention_on_cpu:
+            notes.append(f"{stage.plan.host}: {why_replicated}")
+    ffn_ranges: list[dict[str, list[tuple[int, int]]]] = [{} for _ in stages]
+    gpu_expert_layers = {_layer_of(name) for name in unique
+                         if _EXPERT.fullmatch(name) and _pin_of(name, pins, "gpu")}
+
+    placements: list[TensorPlacement] = []
+    for name, tensor in unique.items():
+        shards: list[Shard] = []
+        pinned = False
+        for s in _holding_stages(name, config, stage_layers):
+            stage = stages[s]
+            cpu = stage.cpu_ranks
+            pin = next((p for p in pins if p.regex.search(name)), None)
+            to_gpu = stage.gpu_rank is not None and (pin is None or pin.kind != "cpu") and (
+                (pin is not None and pin.kind == "gpu") or _on_gpu_by_default(name, config))
+            if pin is not None and pin.kind == "numa":
+                pinned = True
+                shards.append(Shard(_rank_of_node(hosts[s], stage.plan, pin.index, name), None,
+                                    0, 0, tensor.n_bytes))
+            elif pin is not None and pin.kind == "gpu" and (
+                    stage.gpu is None or stage.gpu.gpu.index != pin.index):
+                raise PlanError(f"override pins {name} to gpu{pin.index}, but host "
+                                f"{stage.plan.host!r}, which computes it, has no such GPU in "
+                                f"the plan; pin it to a GPU of that host or to a numa node")
+            elif to_gpu:
+                pinned = True
+                shards.append(Shard(stage.gpu_rank, None, 0, 0,  # type: ignore[arg-type]
+                                    tensor.n_bytes))
+            elif len(cpu) > 1 and (_EXPERT.fullmatch(name) or _DENSE_FFN.fullmatch(name)):
+                shards += _split_ffn(name, tensor, unique, cpu, options, config, ffn_ranges[s])
+            elif len(cpu) > 1 and _ATTENTION.fullmatch(name) and kv_ranges[s] is not None:
+                shards += _split_attention(name, tensor, config, kv_ranges[s], cpu)
+            elif len(cpu) > 1 and name == OUTPUT:
+                shards += [Shard(rank, 0, a, b, _slice_bytes(tensor, 0, a, b))
+                           for rank, (a, b) in zip(cpu, _even_ranges(tensor.shape[0], len(cpu)),
+                                                   strict=True)]
+            else:
+                holders = _replica_holders(name, stage, pin, gpu_expert_layers)
+                shards += [Shard(rank, None, 0, 0, tensor.n_bytes) for rank in holders]
+        replicated = all(shard.axis is None for shard in shards) and not pinned
+        placements.append(TensorPlacement(name, tensor.ggml_type, tuple(tensor.shape),
+                                          tensor.n_bytes, replicated, pinned, tuple(shards)))
+    for stage, ranges_of in zip(stages, ffn_ranges, strict=True):
+        uneven = [(name, ranges) for name, ranges in ranges_of.items()
+                  if len({b - a for a, b in ranges}) > 1 and _EXPERT.fullmatch(name)]
+        if uneven:
+            name, ranges = uneven[0]
+            notes.append(f"{stage.plan.host}: expert slices are uneven ({name}: "
+                         f"{'/'.join(str(b - a) for a, b in ranges)} columns, whole quant "
+                         f"blocks each); --strategy expert_parallel splits experts evenly")
+    return placements
+
+
+def _replica_holders(name: str, stage: _Stage, pin: _Pin | None,
+                     gpu_expert_layers: set[int | None]) -> tuple[int, ...]:
+    """Who holds a whole copy: the CPU workers for blocks kept off the GPU and for routers (the
+    GPU routes nothing unless experts are pinned to it); every worker for the rest."""
+    if stage.gpu_rank is None:
+        return stage.cpu_ranks
+    off_gpu = (pin is not None and pin.kind == "cpu") or bool(
+        _ATTENTION_BLOCK.fullmatch(name) or _FFN_BLOCK.fullmatch(name) or name == OUTPUT)
+    if _ROUTER.fullmatch(name):
+        off_gpu = _layer_of(name) not in gpu_expert_layers
+    return stage.cpu_ranks if off_gpu else stage.plan.ranks
+
+
+def _pin_of(name: str, pins: Sequence[_Pin], kind: str) -> bool:
+    pin = next((p for p in pins if p.regex.search(name)), None)
+    return pin is not None and pin.kind == kind
+
+
+def _compile_pins(options: PlanOptions, hosts: Sequence[Host]) -> list[_Pin]:
     pins = []
     node_ids = sorted({node.node_id for host in hosts for node in host.nodes})
+    gpu_ids = sorted({gpu.index for host in hosts for node in host.nodes for gpu in node.gpus})
     for pattern, target in options.overrides:
-        match = _OVERRIDE_NODE.fullmatch(target)
-        node_id = int(match.group(1)) if match else -1
-        if node_id not in node_ids:
+        match = _PIN_TARGET.fullmatch(target)
+        kind = "cpu" if match is None or match.group(1) is None else (
+            "numa" if match.group(1).lower() == "numa" else "gpu")
+        index = int(match.group(2)) if match is not None and match.group(2) else -1
+        if match is None or (kind == "numa" and index not in node_ids):
             raise PlanError(f"override {pattern}={target}: the topology has nodes {node_ids}; "
                             f"pin to one of numa{', numa'.join(map(str, node_ids))}")
-        pins.append((re.compile(pattern), node_id))
+        if kind == "gpu" and (index not in gpu_ids or options.gpu == "off"):
+            where = ("--gpu off plans no GPU worker" if options.gpu == "off"
+                     else f"the topology has GPUs {gpu_ids}")
+            raise PlanError(f"override {pattern}={target}: {where}; pin to a GPU the plan uses "
+                            f"or to a numa node")
+        pins.append(_Pin(re.compile(pattern), kind, index))
     return pins
 
 
@@ -479,108 +712,156 @@ def _rank_of_node(host: Host, stage: StagePlan, node_id: int, name: str) -> int:
 
 
 def _check_blocks(placements: Sequence[TensorPlacement]) -> None:
-    """Within a layer, a block's tensors (attention q/k/v/output; FFN gate/up/down) must be laid
-    out alike: all split, all replicated, or all pinned to one worker. A pin that catches only
-    some of them would leave a worker holding half a product."""
-    layouts: dict[tuple[str, str], dict[tuple[str, str], str]] = {}
+    """Within a layer, a block's tensors (attention q/k/v/output or MLA's; FFN gate/up/down)
+    must be laid out alike: all split, all replicated, or all pinned to one worker. A pin that
+    catches only some of them would leave a worker holding half a product."""
+    layouts: dict[tuple[str, str], dict[str, str]] = {}
     for tensor in placements:
         match = _LAYER.match(tensor.name)
         if match is None:
             continue
-        if _ATTENTION.fullmatch(tensor.name):
-            block, part = "attention", "attn"
+        if _ATTENTION_BLOCK.fullmatch(tensor.name):
+            part = "attn"
         elif _FFN_BLOCK.fullmatch(tensor.name):
             kind = _FFN_BLOCK.fullmatch(tensor.name).group(2) or ""  # type: ignore[union-attr]
-            block, part = "ffn", f"ffn{kind}"
+            part = f"ffn{kind}"
         else:
             continue
         if tensor.pinned:
             layout = f"pinned to rank {tensor.shards[0].rank}"
         else:
             layout = "replicated" if tensor.replicated else "split"
-        layouts.setdefault((match.group(1), part), {})[(tensor.name, block)] = layout
+        layouts.setdefault((match.group(1), part), {})[tensor.name] = layout
     for (layer, part), found in layouts.items():
         if len(set(found.values())) > 1:
-            detail = ", ".join(f"{name}: {layout}" for (name, _), layout in found.items())
+            detail = ", ".join(f"{name}: {layout}" for name, layout in found.items())
             raise PlanError(f"layer {layer}: the {part} tensors are placed differently "
                             f"({detail}); pin a block's tensors together, e.g. "
                             f"'blk\\.{layer}\\.ffn_.*_exps\\.=numa0'")
 
 
-def _worker_plans(config: ModelConfig, hosts: Sequence[Host], stages: Sequence[StagePlan],
-                  placements: Sequence[TensorPlacement],
-                  kv_ranges: Sequence[list[tuple[int, int]] | None], options: PlanOptions,
-                  notes: list[str]) -> list[WorkerPlan]:
-    n_workers = sum(len(stage.ranks) for stage in stages)
-    weight = [0] * n_workers
-    per_token = [0] * n_workers
-    counts = [0] * n_workers
-    kv_heads_held = [0] * n_workers  # summed over layers
-    last = stages[-1]
-    vocab_ranges = dict(zip(last.ranks, _even_ranges(config.vocab_size, len(last.ranks)),
-                            strict=True))
-    for placement in placements:
-        for shard in placement.shards:
-            rank = shard.rank
-            weight[rank] += shard.n_bytes
-            counts[rank] += 1
-            if placement.name == TOKEN_EMBEDDING:
-                row = shard.n_bytes // placement.shape[0]
-                reads = row if rank in stages[0].ranks else 0
-                if config.tied_output and rank in vocab_ranges:
-                    v0, v1 = vocab_ranges[rank]
-                    reads += row * (v1 - v0)
-                per_token[rank] += reads
-            elif placement.name.endswith(EXPERT_SUFFIX):
-                per_token[rank] += shard.n_bytes * config.n_experts_used // config.n_experts
-            else:
-                per_token[rank] += shard.n_bytes
-            if placement.name.endswith("attn_k.weight"):
-                kv_heads_held[rank] += ((shard.stop - shard.start) // config.head_dim
-                                        if shard.axis is not None else config.n_kv_heads)
-    kv_per_head_layer = (options.ctx * (config.head_dim + config.value_head_dim)
-                         * options.kv_bytes_per_element)
-    workers = []
+# --- per-worker totals ------------------------------------------------------------------------
+
+
+def _vocab_ranges(config: ModelConfig, last: _Stage, placements: Sequence[TensorPlacement]
+                  ) -> dict[int, tuple[int, int]]:
+    """[start, stop) of the logits each last-stage worker computes: its rows of output.weight,
+    or, with a tied head, an even share among the workers holding token_embd (the GPU alone
+    when it is one of them)."""
+    by_name = {p.name: p for p in placements}
+    ranks = set(last.plan.ranks)
+    if not config.tied_output and OUTPUT in by_name:
+        return {s.rank: (s.start, s.stop) if s.axis == 0 else (0, config.vocab_size)
+                for s in by_name[OUTPUT].shards if s.rank in ranks}
+    holders = [s.rank for s in by_name[TOKEN_EMBEDDING].shards if s.rank in ranks]
+    if last.gpu_rank in holders:
+        holders = [last.gpu_rank]  # type: ignore[list-item]
+    return dict(zip(holders, _even_ranges(config.vocab_size, len(holders)), strict=True))
+
+
+def _worker_plans(config: ModelConfig, hosts: Sequence[Host], stages: Sequence[_Stage],
+                  placements: Sequence[TensorPlacement], options: PlanOptions,
+                  notes: list[str]) -> tuple[list[WorkerPlan], list[WorkerLoad],
+                                             list[WorkerRate]]:
+    n_workers = sum(len(stage.plan.ranks) for stage in stages)
+    vocab_ranges = _vocab_ranges(config, stages[-1], placements)
+    tallies = tally(config, placements, n_workers, set(stages[0].plan.ranks),
+                    {rank: s.plan.layers[0] for s in stages for rank in s.plan.ranks},
+                    vocab_ranges)
+    workers, rates = [], []
     for stage in stages:
-        host = hosts[stage.index]
-        for tp_rank, (rank, node) in enumerate(zip(stage.ranks, host.nodes, strict=True)):
-            ranges = kv_ranges[stage.index]
-            heads = ranges[tp_rank] if ranges is not None else (0, config.n_kv_heads)
-            assumed = node.read_bandwidth_gbs is None
-            if assumed:
-                notes.append(f"{host.name} node {node.node_id}: read bandwidth unknown, assumed "
-                             f"{options.default_bandwidth_gbs:g} GB/s (run `numoe membw`)")
+        host = hosts[stage.plan.index]
+        gpu_cpu = stage.gpu.driver_cpu(host) if stage.gpu is not None else None
+        for tp_rank, rank in enumerate(stage.plan.ranks):
+            is_gpu = rank == stage.gpu_rank
+            node = host.nodes[stage.gpu.node_index if is_gpu else tp_rank]  # type: ignore[union-attr]
+            if is_gpu:
+                gpu = stage.gpu.gpu  # type: ignore[union-attr]
+                known_bw, tflops, known = gpu_spec(gpu.name)
+                bandwidth = options.gpu_bandwidth_gbs or known_bw
+                assumed = not known and not options.gpu_bandwidth_gbs
+                if assumed:
+                    notes.append(f"{host.name} GPU {gpu.index} ({gpu.name!r}): not in the known "
+                                 f"GPU table, assumed {bandwidth:g} GB/s (set gpu_bandwidth_gbs)")
+                cpus: tuple[int, ...] = (gpu_cpu,)  # type: ignore[assignment]
+                memory = gpu.memory_bytes - options.gpu_reserve_bytes
+                device = f"cuda:{gpu.index}"
+                gflops = tflops * 1000 * options.calibration.gpu_compute_efficiency
+            else:
+                assumed = node.read_bandwidth_gbs is None
+                if assumed:
+                    notes.append(f"{host.name} node {node.node_id}: read bandwidth unknown, "
+                                 f"assumed {options.default_bandwidth_gbs:g} GB/s (run "
+                                 f"`numoe membw`)")
+                bandwidth = (options.default_bandwidth_gbs if assumed
+                             else float(node.read_bandwidth_gbs))  # type: ignore[arg-type]
+                cpus = tuple(c for c in node.cpus if c != gpu_cpu) or node.cpus
+                memory, device = node.memory_bytes, "cpu"
+                gflops = len(cpus) * options.calibration.core_gflops
+            counted = tallies[rank]
+            counted.load.kv_bytes_per_context_token = (counted.kv_elements
+                                                       * options.kv_bytes_per_element)
+            rates.append(WorkerRate(device, len(cpus), bandwidth, gflops))
             workers.append(WorkerPlan(
-                rank=rank, host=host.name, node_id=node.node_id, stage=stage.index,
-                tp_rank=tp_rank, layers=stage.layers, vocab=vocab_ranges.get(rank, (0, 0)),
-                cpus=node.cpus, node_memory_bytes=node.memory_bytes, kv_heads=heads,
-                weight_bytes=weight[rank], kv_bytes=kv_per_head_layer * kv_heads_held[rank],
-                decode_bytes_per_token=per_token[rank],
-                bandwidth_gbs=(options.default_bandwidth_gbs if assumed
-                               else float(node.read_bandwidth_gbs)),  # type: ignore[arg-type]
-                bandwidth_assumed=assumed, n_tensors=counts[rank]))
-    return workers
+                rank=rank, host=host.name, node_id=node.node_id, stage=stage.plan.index,
+                tp_rank=tp_rank, layers=stage.plan.layers,
+                vocab=vocab_ranges.get(rank, (0, 0)), cpus=cpus, node_memory_bytes=memory,
+                kv_heads=counted.first_layer_heads, weight_bytes=counted.weight_bytes,
+                kv_bytes=counted.kv_elements * options.ctx * options.kv_bytes_per_element,
+                decode_bytes_per_token=counted.decode_bytes, bandwidth_gbs=bandwidth,
+                bandwidth_assumed=assumed, n_tensors=counted.n_tensors, device=device,
+                compute_gflops=gflops))
+    return workers, [counted.load for counted in tallies], rates
+
+
+def _reduces_per_stage(placements: Sequence[TensorPlacement], stages: Sequence[StagePlan]
+                       ) -> list[int]:
+    """All-reduces per token in each stage: one per split block of each layer it runs."""
+    by_layer: dict[int, list[TensorPlacement]] = {}
+    for placement in placements:
+        layer = _layer_of(placement.name)
+        if layer is not None:
+            by_layer.setdefault(layer, []).append(placement)
+    counts = []
+    for stage in stages:
+        ranks = set(stage.ranks)
+        counts.append(sum(_is_split(by_layer.get(layer, []), block, ranks)
+                          for layer in range(*stage.layers) for block in ("attention", "ffn")))
+    return counts
 
 
 def format_plan_table(plan: Plan) -> str:
-    """A readable per-worker table plus the plan's notes and predicted decode speed."""
+    """A readable per-worker table plus the plan's predictions and notes."""
     from cluster.topology import format_cpu_list  # noqa: PLC0415
 
-    header = ("rank", "stage", "layers", "node", "cpus", "tensors", "weights GiB", "KV GiB",
-              "total GiB", "MB/token", "pred tok/s")
+    header = ("rank", "stage", "layers", "worker", "cpus", "tensors", "weights GiB", "KV GiB",
+              "total GiB", "free GiB", "MB/token", "roofline tok/s")
     rows = [header]
     for w in plan.workers:
-        rows.append((str(w.rank), str(w.stage), f"{w.layers[0]}-{w.layers[1] - 1}",
-                     f"{w.host}:{w.node_id}", format_cpu_list(w.cpus),
-                     str(w.n_tensors), f"{w.weight_bytes / GIB:.3f}", f"{w.kv_bytes / GIB:.3f}",
-                     f"{w.total_bytes / GIB:.3f}", f"{w.decode_bytes_per_token / 1e6:.2f}",
-                     f"{w.predicted_decode_tok_s:.1f}"))
+        where = f"{w.host}:{w.device}" if w.device != "cpu" else f"{w.host}:numa{w.node_id}"
+        rows.append((str(w.rank), str(w.stage), f"{w.layers[0]}-{w.layers[1] - 1}", where,
+                     format_cpu_list(w.cpus), str(w.n_tensors), f"{w.weight_bytes / GIB:.2f}",
+                     f"{w.kv_bytes / GIB:.2f}", f"{w.total_bytes / GIB:.2f}",
+                     f"{(w.node_memory_bytes - w.total_bytes) / GIB:.2f}",
+                     f"{w.decode_bytes_per_token / 1e6:.1f}", f"{w.predicted_decode_tok_s:.1f}"))
     widths = [max(len(row[col]) for row in rows) for col in range(len(header))]
+    n_gpus = sum(1 for w in plan.workers if w.device != "cpu")
     lines = [f"plan: {plan.strategy}, {plan.architecture}, ctx {plan.ctx}, "
-             f"{len(plan.workers)} worker(s)"]
+             f"{len(plan.workers)} worker(s)" + (f" ({n_gpus} GPU)" if n_gpus else "")]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
               .rstrip() for row in rows]
-    lines.append(f"predicted decode: {plan.predicted_decode_tok_s:.1f} tok/s "
-                 f"(slowest worker; communication not modelled)")
+    prediction = plan.prediction
+    if prediction is not None:
+        parts = {"attention": 0.0, "ffn": 0.0, "head": 0.0, "overhead": 0.0}
+        for stage in prediction.stages:
+            parts["attention"] += stage.attention_s
+            parts["ffn"] += stage.ffn_s
+            parts["head"] += stage.head_s
+            parts["overhead"] += stage.overhead_s
+        parts["overhead"] += prediction.handoff_s
+        detail = ", ".join(f"{key} {1000 * value:.2f}" for key, value in parts.items())
+        lines.append(f"predicted decode: {prediction.decode_tok_s:.2f} tok/s at depth "
+                     f"{prediction.decode_depth} (ms per token: {detail})")
+        lines.append(f"predicted prompt: {prediction.prompt_tok_s:.1f} tok/s (compute bound)")
     lines += [f"note: {note}" for note in plan.notes]
     return "\n".join(lines)
