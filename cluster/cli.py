@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from cluster.cluster_cli import add_cluster_arguments
 from cluster.errors import NumoeError
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="compute backend (default: %(default)s)")
     generate.add_argument("--isa", choices=("scalar", "avx2", "avx512"), default=None,
                           help="force a kernel instruction set (default: the best available)")
+    add_cluster_arguments(generate)
     generate.set_defaults(handler=_run_generate)
 
     topology = commands.add_parser(
@@ -258,6 +260,10 @@ def _run_topology(args: argparse.Namespace) -> int:
 
 def _run_generate(args: argparse.Namespace) -> int:
     # Imported here so `numoe --help` stays instant.
+    from cluster.cluster_cli import (  # noqa: PLC0415
+        cluster_options_from_args,
+        cluster_runner_factory,
+    )
     from cluster.engine import DEFAULT_CTX, Engine  # noqa: PLC0415
     from cluster.sampling import SamplingParams  # noqa: PLC0415
 
@@ -267,6 +273,9 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise NumoeError(f"-t/--threads {args.threads} must be a positive number of threads")
     if args.n_predict < 0:
         raise NumoeError(f"-n/--n-predict {args.n_predict} must be >= 0")
+    cluster = cluster_options_from_args(args)  # None: no cluster flag, run in this process
+    runner_factory = None if cluster is None else cluster_runner_factory(
+        cluster, backend=args.backend, isa=args.isa)
     model_path = args.model or args.model_flag
     if model_path is None:
         from cluster.default_model import default_model_path  # noqa: PLC0415
@@ -278,7 +287,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     )
     threads = args.threads if args.threads is not None else _default_threads()
     with Engine(model_path, backend=args.backend, n_threads=threads,
-                n_ctx=args.ctx_size or DEFAULT_CTX, isa=args.isa) as engine:
+                n_ctx=args.ctx_size or DEFAULT_CTX, isa=args.isa,
+                runner_factory=runner_factory) as engine:
         generation = engine.generate(args.prompt, max_tokens=args.n_predict, sampling=sampling)
         for piece in generation:
             sys.stdout.write(piece)
@@ -286,11 +296,13 @@ def _run_generate(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         stats = generation.stats
-        _print_timings(engine.load_seconds, stats, threads, args.backend)
+        where = (f"{threads} threads" if cluster is None else
+                 f"{len(engine.runner.plan.workers)} workers")
+        _print_timings(engine.load_seconds, stats, where, args.backend)
     return 0
 
 
-def _print_timings(load_seconds: float, stats: GenerationStats, threads: int,
+def _print_timings(load_seconds: float, stats: GenerationStats, where: str,
                    backend: str) -> None:
     def line(label: str, seconds: float, count: int, unit: str, rate: float) -> str:
         per_token_ms = 1000 * seconds / count if count else 0.0
@@ -299,7 +311,7 @@ def _print_timings(load_seconds: float, stats: GenerationStats, threads: int,
 
     err = sys.stderr
     print(f"numoe: {'load time':>15} = {1000 * load_seconds:10.2f} ms "
-          f"(backend {backend}, {threads} threads)", file=err)
+          f"(backend {backend}, {where})", file=err)
     print(line("prompt eval time", stats.prompt_seconds, stats.prompt_tokens, "tokens",
                stats.prompt_tokens_per_s), file=err)
     print(line("eval time", stats.generation_seconds, stats.decode_steps, "runs  ",

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
 from cluster.errors import NumoeError
 from cluster.gguf import open_gguf
-from cluster.model import ModelConfig, load_model_spec
+from cluster.model import ModelConfig, TensorMap, load_model_spec
 from cluster.sampling import Sampler, SamplingParams
 from cluster.tokenizer import Tokenizer
 from worker.backends.base import Backend
@@ -34,6 +34,18 @@ BACKENDS: tuple[str, ...] = ("cpu", "numpy")
 DEFAULT_CTX = 4096
 # Repetition penalties look at this many most recent tokens (llama.cpp's repeat_last_n).
 PENALTY_LAST_N = 64
+
+
+class Runner(Protocol):
+    """What Generation needs of a forward pass: ModelRunner, or cluster.coordinator's
+    ClusterRunner (which may also have close())."""
+
+    def forward(self, token_ids: list[int] | np.ndarray, start: int,
+                logits: Literal["last", "all"] = "last") -> np.ndarray: ...
+
+
+# (model path, config, tensor index, n_ctx) -> a Runner; the engine reads only metadata itself.
+RunnerFactory = Callable[[Path, ModelConfig, TensorMap, int], Runner]
 
 
 @dataclass
@@ -75,9 +87,12 @@ class Engine:
 
     def __init__(self, model_path: str | os.PathLike, backend: BackendName = "cpu",
                  n_threads: int | None = None, n_ctx: int = DEFAULT_CTX,
-                 isa: str | None = None, kv_cache_dtype: str | None = None) -> None:
+                 isa: str | None = None, kv_cache_dtype: str | None = None,
+                 runner_factory: RunnerFactory | None = None) -> None:
         """kv_cache_dtype: "float32" or "float16" (llama.cpp's default cache type); None keeps
-        the backend's activation dtype (float32 on the CPU backend)."""
+        the backend's activation dtype (float32 on the CPU backend). runner_factory: build the
+        forward pass elsewhere (e.g. NUMA workers); backend, n_threads, isa and kv_cache_dtype
+        are then the factory's business and the engine touches no weights."""
         if n_ctx <= 0:
             raise NumoeError(f"context size {n_ctx} must be a positive number of tokens")
         started = time.perf_counter()
@@ -87,17 +102,24 @@ class Engine:
             self.config: ModelConfig
             self.config, tensors = load_model_spec(self.gguf)
             self.tokenizer = Tokenizer.from_gguf(self.gguf)
-            self.backend = make_backend(backend, n_threads, isa)
             # More context than the model was trained for only wastes KV-cache memory.
             self.n_ctx = min(n_ctx, self.config.context_length)
-            self.runner = ModelRunner(self.config, tensors, self.gguf, self.backend, self.n_ctx,
-                                      kv_cache_dtype)
+            self.runner: Runner
+            if runner_factory is None:
+                self.backend = make_backend(backend, n_threads, isa)
+                self.runner = ModelRunner(self.config, tensors, self.gguf, self.backend,
+                                          self.n_ctx, kv_cache_dtype)
+            else:
+                self.runner = runner_factory(self.model_path, self.config, tensors, self.n_ctx)
         except BaseException:
             self.gguf.close()
             raise
         self.load_seconds = time.perf_counter() - started
 
     def close(self) -> None:
+        close_runner = getattr(self.runner, "close", None)
+        if close_runner is not None:
+            close_runner()
         self.gguf.close()
 
     def __enter__(self) -> Engine:

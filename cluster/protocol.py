@@ -65,6 +65,7 @@ class MessageType(IntEnum):
     LOGITS = 5  # worker -> coordinator: logits of one step
     ERROR = 6  # worker -> coordinator: a step or a load failed
     SHUTDOWN = 7  # coordinator -> worker: exit the serve loop
+    HIDDEN = 8  # worker of pipeline stage s -> worker of stage s + 1: hidden states of one step
 
 
 class ReduceSite(IntEnum):
@@ -137,6 +138,8 @@ class Forward:
     token_ids: np.ndarray = _array_field(_INDEX_DTYPES, ndim=1)  # [T]
     positions: np.ndarray = _array_field(_INDEX_DTYPES, ndim=1)  # [T]
     sequence_ids: np.ndarray = _array_field(_INDEX_DTYPES, ndim=1)  # [T]
+    # Added after version 1's first fields (defaults keep older call sites valid):
+    all_logits: int = 0  # 1: the last stage returns logits of every token; 0: of the last one
 
     def _check(self) -> None:
         lengths = {self.token_ids.shape[0], self.positions.shape[0], self.sequence_ids.shape[0]}
@@ -146,6 +149,7 @@ class Forward:
                 f"{self.positions.shape}, sequence_ids {self.sequence_ids.shape}; send one "
                 f"position and one sequence id per token"
             )
+        _check_flag("FORWARD", "all_logits", self.all_logits)
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,7 +183,14 @@ class Logits:
     TYPE: ClassVar[MessageType] = MessageType.LOGITS
     step_id: int
     sender_rank: int
-    logits: ArrayField = _array_field(_ACTIVATION_DTYPES, ndim=2)  # [T, vocab]
+    logits: ArrayField = _array_field(_ACTIVATION_DTYPES, ndim=2)  # [T, vocab slice]
+    # Added after version 1's first fields: where the slice starts in the full vocabulary (the
+    # last stage's workers each send the logits of their own vocab range).
+    vocab_start: int = 0
+
+    def _check(self) -> None:
+        if self.vocab_start < 0:
+            raise ProtocolError(f"LOGITS vocab_start {self.vocab_start} must be >= 0")
 
 
 @dataclass(frozen=True, eq=False)
@@ -196,9 +207,38 @@ class Shutdown:
     reason: str
 
 
-Message = Load | Ready | Forward | PartialSum | Logits | Error | Shutdown
+@dataclass(frozen=True, eq=False)
+class Hidden:
+    """One step's hidden states, sent from a pipeline stage to the next one (the previous
+    stage's output after its last layer); token t sits at positions[t] of sequence_ids[t]."""
+
+    TYPE: ClassVar[MessageType] = MessageType.HIDDEN
+    step_id: int
+    sender_rank: int
+    all_logits: int  # as in the step's FORWARD, passed along to the last stage
+    positions: np.ndarray = _array_field(_INDEX_DTYPES, ndim=1)  # [T]
+    sequence_ids: np.ndarray = _array_field(_INDEX_DTYPES, ndim=1)  # [T]
+    hidden: ArrayField = _array_field(_ACTIVATION_DTYPES, ndim=2)  # [T, H]
+
+    def _check(self) -> None:
+        lengths = {self.positions.shape[0], self.sequence_ids.shape[0], self.hidden.shape[0]}
+        if len(lengths) != 1:
+            raise ProtocolError(
+                f"HIDDEN arrays differ in length: positions {self.positions.shape}, "
+                f"sequence_ids {self.sequence_ids.shape}, hidden {self.hidden.shape}; send one "
+                f"position, one sequence id and one hidden row per token"
+            )
+        _check_flag("HIDDEN", "all_logits", self.all_logits)
+
+
+def _check_flag(name: str, field_name: str, value: int) -> None:
+    if value not in (0, 1):
+        raise ProtocolError(f"{name} field {field_name!r} is {value}; it is a flag, 0 or 1")
+
+
+Message = Load | Ready | Forward | PartialSum | Logits | Error | Shutdown | Hidden
 MESSAGE_CLASSES: dict[MessageType, type] = {
-    cls.TYPE: cls for cls in (Load, Ready, Forward, PartialSum, Logits, Error, Shutdown)
+    cls.TYPE: cls for cls in (Load, Ready, Forward, PartialSum, Logits, Error, Shutdown, Hidden)
 }
 
 

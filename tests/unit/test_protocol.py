@@ -14,6 +14,7 @@ from cluster.protocol import (
     BFloat16Array,
     Error,
     Forward,
+    Hidden,
     Load,
     Logits,
     MessageType,
@@ -72,6 +73,13 @@ def sample_messages() -> list[object]:
         Logits(step_id=-1, sender_rank=0, logits=hidden.astype(np.float16)),
         Error(worker_rank=1, step_id=-1, message="out of memory on node 1"),
         Shutdown(reason=""),
+        # Fields and types added for the cluster runner (pipeline stages, vocab slices).
+        Forward(step_id=8, token_ids=np.array([4], dtype=np.int64),
+                positions=np.array([3], dtype=np.int64), sequence_ids=np.zeros(1, np.int64),
+                all_logits=1),
+        Logits(step_id=8, sender_rank=3, logits=hidden[:1], vocab_start=75968),
+        Hidden(step_id=8, sender_rank=2, all_logits=0, positions=np.arange(5, 8, dtype=np.int64),
+               sequence_ids=np.zeros(3, np.int64), hidden=hidden),
     ]
 
 
@@ -336,3 +344,53 @@ def test_zeromq_round_trip_over_ipc(zmq_context: zmq.Context, tmp_path: Path) ->
 
 def test_zeromq_round_trip_over_tcp(zmq_context: zmq.Context) -> None:
     _exchange_over(zmq_context, "tcp://127.0.0.1:*")
+
+
+# --- cluster additions: HIDDEN, FORWARD.all_logits, LOGITS.vocab_start --------------------------
+
+
+def test_added_fields_default_for_older_call_sites() -> None:
+    forward = Forward(step_id=0, token_ids=np.zeros(2, np.int32), positions=np.arange(2),
+                      sequence_ids=np.zeros(2, np.int32))
+    logits = Logits(step_id=0, sender_rank=0, logits=np.zeros((1, 4), np.float32))
+    assert roundtrip(forward).all_logits == 0
+    assert roundtrip(logits).vocab_start == 0
+
+
+def test_hidden_keeps_bf16_and_its_values() -> None:
+    rng = np.random.default_rng(RNG_SEED)
+    values = rng.standard_normal((2, 16)).astype(np.float32)
+    msg = Hidden(step_id=1, sender_rank=0, all_logits=1, positions=np.arange(2),
+                 sequence_ids=np.zeros(2, np.int64), hidden=BFloat16Array.from_float32(values))
+    received = roundtrip(msg)
+    assert isinstance(received.hidden, BFloat16Array)
+    np.testing.assert_array_equal(received.hidden.to_float32(), msg.hidden.to_float32())
+
+
+def test_cluster_additions_are_checked() -> None:
+    hidden = np.zeros((3, 8), np.float32)
+    with pytest.raises(ProtocolError, match="HIDDEN arrays differ in length"):
+        encode(Hidden(step_id=0, sender_rank=0, all_logits=0, positions=np.arange(2),
+                      sequence_ids=np.zeros(2, np.int64), hidden=hidden))
+    with pytest.raises(ProtocolError, match="'all_logits' is 2; it is a flag"):
+        encode(Hidden(step_id=0, sender_rank=0, all_logits=2, positions=np.arange(3),
+                      sequence_ids=np.zeros(3, np.int64), hidden=hidden))
+    with pytest.raises(ProtocolError, match="'all_logits' is -1"):
+        encode(Forward(step_id=0, token_ids=np.zeros(1, np.int32), positions=np.zeros(1, np.int32),
+                       sequence_ids=np.zeros(1, np.int32), all_logits=-1))
+    with pytest.raises(ProtocolError, match="vocab_start -5 must be >= 0"):
+        encode(Logits(step_id=0, sender_rank=0, logits=hidden, vocab_start=-5))
+    with pytest.raises(ProtocolError, match="'hidden' has dtype int32"):
+        encode(Hidden(step_id=0, sender_rank=0, all_logits=0, positions=np.arange(3),
+                      sequence_ids=np.zeros(3, np.int64), hidden=hidden.astype(np.int32)))
+
+
+def test_decode_checks_a_hidden_length_mismatch_from_the_wire() -> None:
+    msg = Hidden(step_id=0, sender_rank=0, all_logits=0, positions=np.arange(3),
+                 sequence_ids=np.zeros(3, np.int64), hidden=np.zeros((3, 4), np.float32))
+    frames = [bytes(frame) for frame in encode(msg)]
+    header = msgpack.unpackb(frames[1])
+    header["arrays"]["hidden"]["shape"] = [2, 6]  # same byte count, one row fewer
+    frames[1] = msgpack.packb(header)
+    with pytest.raises(ProtocolError, match="HIDDEN arrays differ in length"):
+        decode(frames)

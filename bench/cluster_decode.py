@@ -1,0 +1,124 @@
+"""Decode speed through the cluster against the single process, and the plan's prediction.
+
+    python bench/cluster_decode.py [MODEL.gguf] [--workers 2] [--tg 32] [--pp 0] [--repeats 5]
+
+Default MODEL: the MoE benchmark model (bench/make_moe_model.py). Runs, one after the other:
+
+1. the single-process engine with W threads (W = --workers, one thread per CPU);
+2. the cluster: W NUMA-pinned Ray workers, one thread each, on W "virtual" NUMA nodes (this
+   machine has one memory node, so they share its bandwidth), all-reducing over ZeroMQ;
+3. the plan's predicted decode tok/s for that cluster, with each virtual node's read bandwidth
+   set to its share of the bandwidth all W CPUs read together (measured here first, native
+   read_probe over 1 GiB with W threads).
+
+Prints the ratio cluster / single process (the cluster's overhead: on one memory node there is
+no NUMA gain to win) and measured / predicted. Decode as llama-bench's tg: TG single-token
+steps from an empty cache; medians of REPEATS after a warm-up (bench/runner_timing.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.roofline import measure_read_bandwidth_gbs  # noqa: E402 — repo root on the path first
+from bench.runner_timing import RunnerTimer, Speed  # noqa: E402
+from cluster.coordinator import ClusterRunner  # noqa: E402
+from cluster.engine import Engine  # noqa: E402
+from cluster.placement import ModelSpec, Plan, PlanOptions, make_plan  # noqa: E402
+from cluster.ray_cluster import start_local_ray  # noqa: E402
+from cluster.topology import Topology, discover_local, virtual_numa  # noqa: E402
+from worker.worker import WorkerOptions  # noqa: E402
+
+SEED = 1234
+DEFAULT_MODEL = Path.home() / ".cache/numoe/bench-models/qwen3moe-bench-Q4_K_M.gguf"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cluster_topology(n_workers: int, total_read_gbs: float) -> Topology:
+    """W virtual nodes, each credited with its share of the bandwidth they read together."""
+    topology = virtual_numa(discover_local(), n_workers)
+    host = topology.hosts[0]
+    nodes = tuple(dataclasses.replace(node, read_bandwidth_gbs=total_read_gbs / n_workers)
+                  for node in host.nodes)
+    return dataclasses.replace(topology, hosts=(dataclasses.replace(host, nodes=nodes),))
+
+
+def measure(args: argparse.Namespace) -> tuple[Speed, Speed, Plan, float]:
+    model: Path = args.model
+    n_ctx = max(args.tg, args.pp, 16)
+    log(f"read bandwidth, {args.workers} threads ...")
+    total_read_gbs = measure_read_bandwidth_gbs(args.workers)
+    log(f"  {total_read_gbs:.1f} GB/s")
+
+    log(f"single process: {model.name}, {args.workers} threads")
+    engine = Engine(model, backend="cpu", n_threads=args.workers, n_ctx=n_ctx)
+    tokenizer = engine.tokenizer
+    bos_id = tokenizer.bos_id if tokenizer.add_bos else None
+    vocab_size = engine.config.vocab_size
+    timer = RunnerTimer(engine.runner.forward, vocab_size, bos_id, SEED)
+    _, single = timer.measure(args.pp, args.tg, args.repeats, log, "single")
+    spec = ModelSpec(engine.config, _tensors(model))
+    engine.close()
+
+    topology = cluster_topology(args.workers, total_read_gbs)
+    plan = make_plan(spec, topology, PlanOptions(ctx=n_ctx))
+    log(f"cluster: {args.workers} pinned workers x 1 thread")
+    session = start_local_ray(topology)
+    try:
+        runner = ClusterRunner(model, plan, n_ctx, topology=topology,
+                               options=WorkerOptions(n_threads=1))
+        try:
+            timer = RunnerTimer(runner.forward, vocab_size, bos_id, SEED)
+            _, clustered = timer.measure(args.pp, args.tg, args.repeats, log, "cluster")
+        finally:
+            runner.close()
+    finally:
+        session.close()
+    return single, clustered, plan, total_read_gbs
+
+
+def _tensors(model: Path) -> dict:
+    from cluster.gguf import open_gguf  # noqa: PLC0415
+    from cluster.model import load_model_spec  # noqa: PLC0415
+
+    with open_gguf(model) as file:
+        return load_model_spec(file)[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", type=Path, nargs="?", default=DEFAULT_MODEL)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--tg", type=int, default=32)
+    parser.add_argument("--pp", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    if not args.model.exists():
+        raise SystemExit(f"{args.model} not found; make it with python bench/make_moe_model.py")
+    single, clustered, plan, total_read_gbs = measure(args)
+
+    predicted = plan.predicted_decode_tok_s
+    print(f"`python {shlex.join(sys.argv)}`\n")
+    print(f"Model {args.model.name}, {args.workers} threads; read bandwidth of {args.workers} "
+          f"threads {total_read_gbs:.1f} GB/s (each virtual node credited "
+          f"{total_read_gbs / args.workers:.1f}); medians of {args.repeats} repeats of "
+          f"tg{args.tg}.\n")
+    print("| run | tg tok/s | ratio to single process | measured / plan prediction |")
+    print("|---|---|---|---|")
+    print(f"| single process, {args.workers} threads | {single.median_tok_s:.2f} | 1.00 | |")
+    print(f"| cluster, {args.workers} pinned workers x 1 thread | {clustered.median_tok_s:.2f} "
+          f"| {clustered.median_tok_s / single.median_tok_s:.2f} "
+          f"| {clustered.median_tok_s / predicted:.2f} |")
+    print(f"| plan prediction for the cluster | {predicted:.2f} | | |")
+
+
+if __name__ == "__main__":
+    main()
