@@ -230,9 +230,12 @@ def moe(
 ) -> np.ndarray:
     """Routed-expert FFN of one layer in one native call.
 
-    x [T, H] float32; expert_ids [T, K] int32 in [0, n_experts); expert_weights [T, K];
+    x [T, H] float32; expert_ids [T, K] int32 < n_experts, a negative id skipping its
+    (token, slot) (an expert-parallel worker marks the experts it does not hold so);
+    expert_weights [T, K];
     gate/up: (ggml type, bytes of [n_experts, n_ff, H]); down: (type, bytes of
-    [n_experts, H, n_ff]). Returns y [T, H], y[t] = sum_k w[t,k] * down_e(act(gate_e x)*up_e x).
+    [n_experts, H, n_ff]). Returns y [T, H], y[t] = sum over k with id >= 0 of
+    w[t,k] * down_e(act(gate_e x) * up_e x).
     """
     if x.ndim != 2:
         raise ValueError(f"moe: x must be [T, H], got shape {list(x.shape)}")
@@ -252,7 +255,7 @@ def moe(
 def moe_views(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray,
               gate: WeightView, up: WeightView, down: WeightView,
               activation: ActivationName) -> np.ndarray:
-    """`moe` over WeightViews: gate, up [E, F, H], down [E, H, F]."""
+    """`moe` over WeightViews: gate, up [E, F, H], down [E, H, F]; negative ids skip."""
     x = _as_f32(x)
     if x.ndim != 2:
         raise ValueError(f"moe: x must be [T, H], got shape {list(x.shape)}")
@@ -328,8 +331,8 @@ def _moe_call(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray,
         act, ffi.from_buffer("float[]", y),
     )
     if status == lib.NUMOE_EBADARG:
-        raise ValueError(f"{call}: expert ids must lie in [0, {n_experts}); got min "
-                         f"{int(expert_ids.min())}, max {int(expert_ids.max())}")
+        raise ValueError(f"{call}: expert ids must be below {n_experts} (negative ids skip "
+                         f"their slot); got max {int(expert_ids.max())}")
     _check_status(status, call)
     return y
 

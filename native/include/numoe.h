@@ -65,7 +65,7 @@ int numoe_matmul(int type, const void *weight, int64_t n_out, int64_t n_in,
 
 /* --- (c) fused MoE block for one layer ---------------------------------------------------
  *   x               [n_tokens, n_embd]            input hidden states
- *   expert_ids      [n_tokens, n_used]            int32, each in [0, n_experts)
+ *   expert_ids      [n_tokens, n_used]            int32 < n_experts; a negative id skips its (token, slot) (expert parallel)
  *   expert_weights  [n_tokens, n_used]            router weights, already normalised
  *   gate, up        [n_experts, n_ff, n_embd]     types gate_type/up_type, expert-major
  *   down            [n_experts, n_embd, n_ff]     type down_type

@@ -7,6 +7,9 @@
  *   4. down: for a range of y's rows, those rows of every used expert against its pairs'
  *      hidden rows, then
  *   5. y[t] = sum_k w[t,k] * out[pair(t,k)] for the same rows, k ascending.
+ * A negative expert id means "skip this (token, slot)": it adds nothing to y[t]. An
+ * expert-parallel worker holding experts [e0, e1) passes ids e - e0 for those and -1 for the
+ * others, so one call computes its share of the block.
  * Threads split the *rows* of the experts' matrices (steps 2 and 4), so one token with 8
  * experts keeps every thread streaming weights. Each output value is computed by one code
  * path whatever the thread count (one vec_dot, or one GEMM micro-kernel column) and the
@@ -199,8 +202,10 @@ static void down_rows(const moe_job *job, const uint8_t *hidden_acts, int64_t r0
         float *yt = y + t * job->n_embd;
         for (int64_t r = r0; r < r1; r++) yt[r] = 0.0f;
         for (int64_t k = 0; k < job->n_used; k++) {
+            const int64_t pair = job->pair_of_slot[t * job->n_used + k];
+            if (pair < 0) continue;        /* skipped slot (negative expert id) */
             const float w = job->expert_weights[t * job->n_used + k];
-            const float *o = job->out + job->pair_of_slot[t * job->n_used + k] * job->n_embd;
+            const float *o = job->out + pair * job->n_embd;
             for (int64_t r = r0; r < r1; r++) yt[r] += w * o[r];
         }
     }
@@ -301,11 +306,13 @@ static void run_job(const moe_job *job, float *y) {
 }
 
 /* Counting sort of the chunk's (token, slot) pairs by expert; pairs of one expert stay in
- * (token, slot) order. `counts` is [n_experts] scratch. */
+ * (token, slot) order. Slots with a negative id get no pair (pair_of_slot -1). `counts` is
+ * [n_experts] scratch. */
 static void group_pairs(moe_job *job, const int32_t *expert_ids, int64_t *counts) {
     const int64_t n_slots = job->n_tokens * job->n_used;
     for (int64_t e = 0; e < job->n_experts; e++) counts[e] = 0;
-    for (int64_t s = 0; s < n_slots; s++) counts[expert_ids[s]]++;
+    for (int64_t s = 0; s < n_slots; s++)
+        if (expert_ids[s] >= 0) counts[expert_ids[s]]++;
     job->n_active = 0;
     int64_t begin = 0;
     for (int64_t e = 0; e < job->n_experts; e++) {
@@ -326,6 +333,10 @@ static void group_pairs(moe_job *job, const int32_t *expert_ids, int64_t *counts
             job->packed_begin[u] + (pair_count(job, u) + lanes - 1) / lanes * lanes;
     }
     for (int64_t s = 0; s < n_slots; s++) {
+        if (expert_ids[s] < 0) {
+            job->pair_of_slot[s] = -1;
+            continue;
+        }
         const int64_t p = counts[expert_ids[s]]++;
         job->pair_token[p] = (int32_t)(s / job->n_used);
         job->pair_of_slot[s] = p;
@@ -371,7 +382,7 @@ int numoe_moe(const float *x, int64_t n_tokens, int64_t n_embd, const int32_t *e
         return status;
     if (n_ff > INT64_MAX / n_experts || n_embd > INT64_MAX / n_experts) return NUMOE_EBADSHAPE;
     for (int64_t s = 0; s < n_tokens * n_used; s++)
-        if (expert_ids[s] < 0 || expert_ids[s] >= n_experts) return NUMOE_EBADARG;
+        if (expert_ids[s] >= n_experts) return NUMOE_EBADARG;  /* negative: skipped slot */
     if (n_tokens == 0) return NUMOE_OK;
 
     /* Tokens are processed in chunks so the scratch stays bounded for long prompts. */

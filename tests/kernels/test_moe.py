@@ -43,6 +43,8 @@ def moe_reference(x, expert_ids, expert_weights, gate, up, down, activation) -> 
     y = np.zeros_like(x)
     for t in range(x.shape[0]):
         for e, w in zip(expert_ids[t], expert_weights[t], strict=True):
+            if e < 0:
+                continue  # a skipped slot: the expert lives on another worker
             hidden = act(gate[e] @ x[t]) * (up[e] @ x[t])  # [F]
             y[t] += w * (down[e] @ hidden)
     return y
@@ -149,11 +151,10 @@ def test_moe_thread_count_does_not_change_results(n_tokens: int) -> None:
 def test_moe_rejects_bad_arguments() -> None:
     experts = Experts(QType.Q8_0, QType.Q8_0, QType.Q8_0, seed=13)
     x, ids, weights = _inputs(2, seed=14)
-    for bad in (N_EXPERTS, -1):
-        bad_ids = ids.copy()
-        bad_ids[1, 0] = bad
-        with pytest.raises(ValueError, match="expert ids"):
-            experts.run(x, bad_ids, weights)
+    bad_ids = ids.copy()
+    bad_ids[1, 0] = N_EXPERTS
+    with pytest.raises(ValueError, match="expert ids"):
+        experts.run(x, bad_ids, weights)
     with pytest.raises(ValueError, match="activation"):
         experts.run(x, ids, weights, activation="relu")
     with pytest.raises(ValueError, match="must match"):
@@ -214,3 +215,75 @@ def test_moe_prefill_mixes_gemm_and_vec_dot_experts(
     assert_close(y, experts.reference(x, ids, weights, "gelu_tanh"), experts.tolerance)
     with kernel_settings(threads=3 - threads):
         np.testing.assert_array_equal(y, experts.run(x, ids, weights, "gelu_tanh"))
+
+
+# --- negative ids: skipped slots (expert parallel) --------------------------------------------
+
+
+def _skip_some(ids: np.ndarray, seed: int) -> np.ndarray:
+    """ids [T, K] with about a third of the slots set to -1 (the first token's first slot
+    always), and with several tokens the last one skipping every slot."""
+    rng = np.random.default_rng(seed)
+    skipped = np.where(rng.uniform(size=ids.shape) < 0.35, -1, ids).astype(np.int32)
+    skipped[0, 0] = -1
+    if len(ids) > 1:
+        skipped[-1] = -1
+    return skipped
+
+
+@pytest.mark.parametrize("n_tokens", [1, 5, 37])
+@pytest.mark.parametrize("qtype", [type_param(t) for t in (QType.F32, QType.Q8_0, QType.Q4_K)])
+def test_moe_negative_ids_skip_their_slot(qtype: QType, n_tokens: int) -> None:
+    """A negative id adds nothing: the float64 reference leaves those slots out (37 tokens:
+    the GEMM path for the busy experts)."""
+    experts = Experts(qtype, qtype, qtype, seed=30 + int(qtype))
+    if n_tokens == 37:
+        x = np.random.default_rng(31).standard_normal((37, N_EMBD)).astype(np.float32)
+        ids, weights = _balanced_routing(37)
+    else:
+        x, ids, weights = _inputs(n_tokens, seed=32)
+    ids = _skip_some(ids, seed=n_tokens)
+    y = experts.run(x, ids, weights)
+    assert_close(y, experts.reference(x, ids, weights), experts.tolerance)
+    if n_tokens > 1:
+        np.testing.assert_array_equal(y[-1], 0.0)  # the last token skips every slot
+
+
+def test_moe_every_slot_skipped_gives_zeros() -> None:
+    experts = Experts(QType.Q8_0, QType.Q8_0, QType.Q8_0, seed=33)
+    x, ids, weights = _inputs(4, seed=34)
+    y = experts.run(x, np.full_like(ids, -1), weights)
+    np.testing.assert_array_equal(y, np.zeros_like(x))
+
+
+@pytest.mark.parametrize("n_tokens", [1, 6])
+def test_moe_expert_parallel_halves_sum_to_the_whole(n_tokens: int) -> None:
+    """Two workers holding experts [0, 2) and [2, 4) (their own byte ranges of the stack),
+    each passing local ids and -1 for the other's: the two partial sums add up to the whole
+    block, as the float64 reference computes it."""
+    experts = Experts(QType.F32, QType.F32, QType.F32, seed=35)
+    x, ids, weights = _inputs(n_tokens, seed=36)
+    half = N_EXPERTS // 2
+    partials = []
+    for e0, e1 in ((0, half), (half, N_EXPERTS)):
+        local = np.where((ids >= e0) & (ids < e1), ids - e0, -1).astype(np.int32)  # [T, K]
+        gate = experts.gate_raw.reshape(N_EXPERTS, -1)[e0:e1]  # [E/2, F*H*4 bytes]
+        up = experts.up_raw.reshape(N_EXPERTS, -1)[e0:e1]
+        down = experts.down_raw.reshape(N_EXPERTS, -1)[e0:e1]
+        partials.append(kernels.moe(
+            x, local, weights, gate=(int(QType.F32), gate), up=(int(QType.F32), up),
+            down=(int(QType.F32), down), n_experts=e1 - e0, n_ff=N_FF, activation="silu"))
+    assert_close(partials[0] + partials[1], experts.reference(x, ids, weights), 1e-4)
+
+
+def test_numpy_backend_negative_ids_skip_their_slot() -> None:
+    """The numpy reference backend follows the same rule (float64, gguf-py weights)."""
+    from worker.backends.numpy_ref import NumpyRefBackend  # noqa: PLC0415
+
+    experts = Experts(QType.F32, QType.F32, QType.F32, seed=37)
+    x, ids, weights = _inputs(5, seed=38)
+    ids = _skip_some(ids, seed=39)
+    y = NumpyRefBackend(np.float64).moe(x.astype(np.float64), ids, weights, experts.gate,
+                                        experts.up, experts.down, "silu")
+    assert_close(y, experts.reference(x, ids, weights), 1e-12)
+    np.testing.assert_array_equal(y[-1], 0.0)

@@ -26,12 +26,14 @@ Activation = Literal["silu", "gelu_tanh"]
 
 @dataclass(frozen=True)
 class WeightData:
-    """One tensor as stored in the GGUF file."""
+    """One tensor, or a worker's slice of one, in its GGUF encoding."""
 
     name: str
     ggml_type: int
     shape: tuple[int, ...]  # numpy order: [n_out, n_in] or [n_experts, n_out, n_in] or [n]
-    data: np.ndarray  # uint8 [n_bytes], a view into the file's mmap
+    # uint8 [n_bytes]: a view into the file's mmap, or a worker's own copy of its slice
+    # (worker/shard_loader.py); either way whole quant blocks, rows back to back.
+    data: np.ndarray
 
     @property
     def n_in(self) -> int:
@@ -75,7 +77,8 @@ class Backend(ABC):
         activation: Activation,
     ) -> np.ndarray:
         """Routed experts in one call: x [T, H], expert_ids int32 [T, K], expert_weights [T, K]
-        -> sum_k w[t,k] * down_e(act(gate_e x) * up_e x)  [T, H]."""
+        -> sum_k w[t,k] * down_e(act(gate_e x) * up_e x)  [T, H]. A negative id skips its
+        (token, slot): an expert-parallel worker passes its local ids and -1 for the rest."""
 
     @abstractmethod
     def embedding(self, weight: Any, token_ids: np.ndarray) -> np.ndarray:

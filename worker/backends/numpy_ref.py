@@ -75,6 +75,11 @@ class NumpyRefBackend(Backend):
         n_tokens, n_used = expert_ids.shape
         _, n_ff, n_embd = gate.shape  # [E, F, H]
         out = np.zeros((n_tokens, n_embd), dtype=self.dtype)  # [T, H]
+        # A negative id skips its slot (an expert-parallel worker's experts held elsewhere):
+        # it gathers expert 0 and multiplies by 0, so the sum runs over the kept slots only.
+        skipped = expert_ids < 0  # [T, K]
+        expert_ids = np.where(skipped, 0, expert_ids)  # [T, K]
+        expert_weights = np.where(skipped, 0, expert_weights)  # [T, K]
         # Gather the selected experts' matrices for a chunk of tokens at a time: vectorised over
         # tokens and experts, with memory bounded for long prompts.
         chunk = max(1, _MOE_GATHER_ELEMENTS // max(1, n_used * n_ff * n_embd))

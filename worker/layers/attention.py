@@ -1,7 +1,7 @@
 """Grouped-query attention over a preallocated KV cache, causal, with an optional sliding window.
 
-KV cache layout is head-major, [n_layers, n_kv_heads, n_ctx, head_dim], rather than
-[n_layers, n_ctx, n_kv_heads, head_dim]: each KV head's keys are then one contiguous
+KV cache layout is head-major, per layer [n_kv_heads, n_ctx, head_dim], rather than
+[n_ctx, n_kv_heads, head_dim]: each KV head's keys are then one contiguous
 [n_ctx, head_dim] block, so q @ K^T for a head group is a plain strided matmul with no copy,
 and a worker that owns a subset of KV heads (tensor parallel by head group) owns a contiguous
 slice of the cache.
@@ -9,21 +9,30 @@ slice of the cache.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from itertools import pairwise
+
 import numpy as np
 
 
 class KVCache:
     """Keys and values of every layer for positions [0, n_ctx), in `dtype` (the activation
-    dtype, or float16 to halve the memory and round as llama.cpp's default F16 cache does)."""
+    dtype, or float16 to halve the memory and round as llama.cpp's default F16 cache does).
 
-    def __init__(self, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int,
-                 value_head_dim: int, dtype: np.dtype) -> None:
+    `heads` is the number of KV heads kept per layer: the model's for one worker; for a
+    tensor-parallel worker its own head group, and 0 for a layer whose attention another
+    worker computes. One allocation each for keys and values; layer views are made once."""
+
+    def __init__(self, heads: Sequence[int], n_ctx: int, head_dim: int, value_head_dim: int,
+                 dtype: np.dtype) -> None:
         self.n_ctx = n_ctx
-        self.keys = np.zeros((n_layers, n_kv_heads, n_ctx, head_dim), dtype)  # [L, Hkv, C, d]
-        self.values = np.zeros((n_layers, n_kv_heads, n_ctx, value_head_dim), dtype)  # [L,Hkv,C,dv]
-        # Per-layer views, made once: the native attention takes one layer's contiguous block.
-        self.layer_keys = list(self.keys)  # L x [Hkv, C, d]
-        self.layer_values = list(self.values)  # L x [Hkv, C, dv]
+        total_heads = sum(heads)
+        self.keys = np.zeros((total_heads, n_ctx, head_dim), dtype)  # [sum heads, C, d]
+        self.values = np.zeros((total_heads, n_ctx, value_head_dim), dtype)  # [sum heads, C, dv]
+        bounds = list(pairwise(np.cumsum([0, *heads])))  # [L] first, last head of each layer
+        # The native attention takes one layer's contiguous block.
+        self.layer_keys = [self.keys[a:b] for a, b in bounds]  # L x [h, C, d]
+        self.layer_values = [self.values[a:b] for a, b in bounds]  # L x [h, C, dv]
 
     @property
     def n_bytes(self) -> int:
@@ -51,14 +60,15 @@ def attention(
     n_kv = k_new.shape[1]
     group = n_heads // n_kv
     end = start + n_tokens
-    cache.keys[layer, :, start:end] = k_new.transpose(1, 0, 2)
-    cache.values[layer, :, start:end] = v_new.transpose(1, 0, 2)
+    layer_keys, layer_values = cache.layer_keys[layer], cache.layer_values[layer]
+    layer_keys[:, start:end] = k_new.transpose(1, 0, 2)
+    layer_values[:, start:end] = v_new.transpose(1, 0, 2)
 
     # The first key any of the new queries can see: older keys fall outside every window.
     first = max(0, start - sliding_window + 1) if sliding_window > 0 else 0
     # A float16 cache is read back in the activation dtype, as the native kernel does.
-    keys = cache.keys[layer, :, first:end].astype(q.dtype, copy=False)  # [n_kv, S, d]
-    values = cache.values[layer, :, first:end].astype(q.dtype, copy=False)  # [n_kv, S, dv]
+    keys = layer_keys[:, first:end].astype(q.dtype, copy=False)  # [n_kv, S, d]
+    values = layer_values[:, first:end].astype(q.dtype, copy=False)  # [n_kv, S, dv]
     n_keys = end - first
 
     # Rows of each KV head's query block are ordered (head in group, token).

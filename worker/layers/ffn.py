@@ -1,13 +1,10 @@
-"""Feed-forward blocks: the dense gated FFN and the Qwen3-MoE router + routed experts."""
+"""The Qwen3-MoE router: top-k experts per token, and their ids on an expert-parallel worker."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-
-from worker.backends.base import Activation, Backend
 
 
 @dataclass(frozen=True)
@@ -32,17 +29,8 @@ def route(router_logits: np.ndarray, config: RouterConfig) -> tuple[np.ndarray, 
     return ids.astype(np.int32), weights.astype(np.float32)
 
 
-def moe_block(
-    backend: Backend,
-    x: np.ndarray,
-    router: np.ndarray,
-    gate: Any,
-    up: Any,
-    down: Any,
-    config: RouterConfig,
-    activation: Activation,
-) -> np.ndarray:
-    """x [T, H] -> routed experts' weighted sum [T, H]; one backend call for all experts."""
-    router_logits = x @ router.T  # [T, H] @ [H, E] -> [T, E]
-    expert_ids, expert_weights = route(router_logits, config)
-    return backend.moe(x, expert_ids, expert_weights, gate, up, down, activation)
+def local_expert_ids(expert_ids: np.ndarray, first: int, stop: int) -> np.ndarray:
+    """Global expert ids [T, K] -> ids of a worker holding experts [first, stop) only: e - first
+    for those, -1 ("skip this slot", see Backend.moe) for experts held elsewhere."""
+    held = (expert_ids >= first) & (expert_ids < stop)  # [T, K]
+    return np.where(held, expert_ids - first, -1).astype(np.int32)  # [T, K]
