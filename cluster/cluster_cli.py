@@ -35,6 +35,7 @@ class ClusterOptions:
     ray_address: str | None = None  # join this Ray cluster instead of starting one
     threads_per_worker: int | None = None  # None: each worker's node CPU count
     bind_memory: bool = True
+    reduce_transport: str = "auto"  # all-reduce inside a stage: auto (shm on a host), shm, ipc, tcp
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +51,10 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ray-address", default=None, metavar="ADDR",
                        help="join this Ray cluster (every host started with its NUMA "
                             "resources) instead of starting a local one")
+    group.add_argument("--reduce-transport", choices=("auto", "shm", "ipc", "tcp"),
+                       default="auto",
+                       help="how a host's workers all-reduce: auto = shared memory on one host, "
+                            "tcp across hosts (default); or force ZeroMQ ipc/tcp")
     group.add_argument("--no-membind", dest="bind_memory", action="store_false",
                        help="do not bind workers' memory to their node (where the kernel "
                             "refuses set_mempolicy)")
@@ -75,7 +80,8 @@ def cluster_options_from_args(args: argparse.Namespace) -> ClusterOptions | None
         raise NumoeError(f"-t/--threads {threads} must be a positive number of threads")
     return ClusterOptions(workers=workers, topology_file=topology_file, virtual_numa=virtual,
                           ray_address=args.ray_address, threads_per_worker=threads,
-                          bind_memory=args.bind_memory)
+                          bind_memory=args.bind_memory,
+                          reduce_transport=args.reduce_transport)
 
 
 def resolve_topology(options: ClusterOptions) -> tuple[Topology, list[str]]:
@@ -135,7 +141,8 @@ def cluster_runner_factory(
                    else start_local_ray(topology))
         worker_options = WorkerOptions(backend=backend, n_threads=options.threads_per_worker,
                                        n_ctx=n_ctx, kv_cache_dtype=kv_cache_dtype, isa=isa,
-                                       bind_memory=options.bind_memory)
+                                       bind_memory=options.bind_memory,
+                                       reduce_transport=options.reduce_transport)
         return ClusterRunner(model_path, plan, n_ctx, topology=topology,
                              options=worker_options, ray_session=session)
 

@@ -136,8 +136,9 @@ class ClusterRunner:
         opened = self._gather("open", {
             w.rank: self._handles[w.rank].open.remote(
                 _transports(described[w.rank]["node_id"], senders[w.rank]),
-                "ipc" if len({described[r]["node_id"] for r in plan.stages[w.stage].ranks}) == 1
-                else "tcp", self._ipc_dir, described[w.rank]["ip"])
+                _reduce_transport(self.options.reduce_transport,
+                                  {described[r]["node_id"] for r in plan.stages[w.stage].ranks}),
+                self._ipc_dir, described[w.rank]["ip"])
             for w in plan.workers}, timeout_s)
         worker_nodes = [described[w.rank]["node_id"] for w in plan.workers]
         own = {"ipc": f"ipc://{self._ipc_dir}/coordinator"}
@@ -375,6 +376,19 @@ def _memory_node(worker: WorkerPlan, topology: Topology | None) -> int:
     raise NumoeError(f"the plan places worker {worker.rank} on {worker.host} node "
                      f"{worker.node_id}, which the topology does not have; make the plan from "
                      f"this topology")
+
+
+def _reduce_transport(choice: str, stage_nodes: set[str]) -> str:
+    """How a stage's workers all-reduce: shared memory or ipc on one host, tcp across hosts."""
+    one_host = len(stage_nodes) == 1
+    if choice == "auto":
+        return "shm" if one_host else "tcp"
+    if choice not in ("shm", "ipc", "tcp"):
+        raise NumoeError(f"reduce transport {choice!r} is unknown; use auto, shm, ipc or tcp")
+    if choice in ("shm", "ipc") and not one_host:
+        raise NumoeError(f"reduce transport {choice!r} needs a stage's workers on one host; "
+                         f"this stage spans {len(stage_nodes)} Ray nodes: use tcp or auto")
+    return choice
 
 
 def _transports(node: str, sender_nodes: Sequence[str]) -> list[str]:

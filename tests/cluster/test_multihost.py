@@ -113,7 +113,7 @@ def test_tcp_across_hosts_ipc_inside(pipeline: ClusterRunner, two_hosts: TwoHost
         assert wiring[rank]["downstream"] == []
         assert wiring[rank]["coordinator"].startswith("tcp://")  # logits back across hosts
         assert wiring[rank]["inbox"].startswith("tcp://")  # shutdown from the coordinator
-        assert all(address.startswith("ipc://") for address in wiring[rank]["reduce"])
+        assert all(address.startswith("shm://") for address in wiring[rank]["reduce"])
     assert wiring[0]["reduce"] == []  # a one-worker stage reduces nothing
 
 

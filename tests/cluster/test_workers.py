@@ -57,6 +57,11 @@ def test_prompt_logits_match_single_process(cluster_engine: Engine, reference: E
     assert relative_error(ours, expected) <= F32_BOUND
 
 
+def test_default_reduce_is_shared_memory(cluster_engine: Engine) -> None:
+    wiring = cluster_engine.runner.wiring
+    assert all(address.startswith("shm://") for w in wiring.values() for address in w["reduce"])
+
+
 def test_greedy_tokens_match_single_process(cluster_engine: Engine, reference: Engine) -> None:
     for seed in (1, 2):
         prompt = prompt_ids(seed)
