@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -51,7 +52,11 @@ def cluster_topology(n_workers: int, total_read_gbs: float) -> Topology:
     return dataclasses.replace(topology, hosts=(dataclasses.replace(host, nodes=nodes),))
 
 
-def measure(args: argparse.Namespace) -> tuple[Speed, Speed, Plan, float]:
+def measure(args: argparse.Namespace) -> tuple[Speed, Speed, list[float], Plan, float,
+                                             list[dict]]:
+    """Both runners stay up; their tg runs alternate (single, cluster, single, ...) so drift in
+    this shared machine's load hits both alike. Returns both speeds, the per-pair ratios, the
+    plan, the bandwidth and the workers' counters."""
     model: Path = args.model
     n_ctx = max(args.tg, args.pp, 16)
     log(f"read bandwidth, {args.workers} threads ...")
@@ -63,26 +68,36 @@ def measure(args: argparse.Namespace) -> tuple[Speed, Speed, Plan, float]:
     tokenizer = engine.tokenizer
     bos_id = tokenizer.bos_id if tokenizer.add_bos else None
     vocab_size = engine.config.vocab_size
-    timer = RunnerTimer(engine.runner.forward, vocab_size, bos_id, SEED)
-    _, single = timer.measure(args.pp, args.tg, args.repeats, log, "single")
     spec = ModelSpec(engine.config, _tensors(model))
-    engine.close()
-
     topology = cluster_topology(args.workers, total_read_gbs)
-    plan = make_plan(spec, topology, PlanOptions(ctx=n_ctx))
+    plan = make_plan(spec, topology, PlanOptions(ctx=n_ctx, gpu="off"))
     log(f"cluster: {args.workers} pinned workers x 1 thread")
     session = start_local_ray(topology)
+    single, clustered, ratios = Speed(args.tg), Speed(args.tg), []
     try:
         runner = ClusterRunner(model, plan, n_ctx, topology=topology,
                                options=WorkerOptions(n_threads=1))
         try:
-            timer = RunnerTimer(runner.forward, vocab_size, bos_id, SEED)
-            _, clustered = timer.measure(args.pp, args.tg, args.repeats, log, "cluster")
+            timers = {"single": RunnerTimer(engine.runner.forward, vocab_size, bos_id, SEED),
+                      "cluster": RunnerTimer(runner.forward, vocab_size, bos_id, SEED)}
+            for timer in timers.values():
+                timer.decode_seconds(2)  # warm-up
+            for repeat in range(args.repeats):
+                pair = {}
+                for label, timer in timers.items():
+                    pair[label] = args.tg / timer.decode_seconds(args.tg)
+                    log(f"  {label}: generation run {repeat + 1}/{args.repeats}: "
+                        f"{pair[label]:.2f} tok/s")
+                single.samples_tok_s.append(pair["single"])
+                clustered.samples_tok_s.append(pair["cluster"])
+                ratios.append(pair["cluster"] / pair["single"])
+            stats = runner.worker_stats()
         finally:
             runner.close()
     finally:
         session.close()
-    return single, clustered, plan, total_read_gbs
+        engine.close()
+    return single, clustered, ratios, plan, total_read_gbs, stats
 
 
 def _tensors(model: Path) -> dict:
@@ -103,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.model.exists():
         raise SystemExit(f"{args.model} not found; make it with python bench/make_moe_model.py")
-    single, clustered, plan, total_read_gbs = measure(args)
+    single, clustered, ratios, plan, total_read_gbs, stats = measure(args)
 
     predicted = plan.predicted_decode_tok_s
     print(f"`python {shlex.join(sys.argv)}`\n")
@@ -111,13 +126,23 @@ def main() -> None:
           f"threads {total_read_gbs:.1f} GB/s (each virtual node credited "
           f"{total_read_gbs / args.workers:.1f}); medians of {args.repeats} repeats of "
           f"tg{args.tg}.\n")
+    print(f"Runs alternate single/cluster; the ratio is the median of the {args.repeats} "
+          f"per-pair ratios.\n")
     print("| run | tg tok/s | ratio to single process | measured / plan prediction |")
     print("|---|---|---|---|")
     print(f"| single process, {args.workers} threads | {single.median_tok_s:.2f} | 1.00 | |")
     print(f"| cluster, {args.workers} pinned workers x 1 thread | {clustered.median_tok_s:.2f} "
-          f"| {clustered.median_tok_s / single.median_tok_s:.2f} "
+          f"| {statistics.median(ratios):.2f} "
           f"| {clustered.median_tok_s / predicted:.2f} |")
     print(f"| plan prediction for the cluster | {predicted:.2f} | | |")
+    print("\nWorker counters over the whole run (warm-ups and timed runs):\n")
+    print("| rank | steps | step s | kernel s | all-reduce s | all-reduce calls |")
+    print("|---|---|---|---|---|---|")
+    for worker in stats:
+        forward = worker["forward"]
+        print(f"| {worker['rank']} | {worker['steps']} | {worker['step_seconds']:.2f} | "
+              f"{forward['kernel_seconds']:.2f} | {forward['all_reduce_seconds']:.3f} | "
+              f"{forward['all_reduce_calls']} |")
 
 
 if __name__ == "__main__":

@@ -151,11 +151,15 @@ def parse_override(text: str) -> tuple[str, str]:
     return pattern, f"{kind}{int(match.group(2))}"
 
 
-def _even_ranges(units: int, parts: int) -> list[tuple[int, int]]:
+def _even_ranges(units: int, parts: int, rotate: int = 0) -> list[tuple[int, int]]:
+    """`parts` contiguous ranges covering [0, units), sizes differing by at most one. The
+    `units % parts` larger ranges go to parts rotate*extra, rotate*extra + 1, ... (mod parts),
+    so rotating by the layer index spreads the remainder evenly over the workers."""
     base, extra = divmod(units, parts)
+    larger = {(rotate * extra + i) % parts for i in range(extra)}
     ranges, start = [], 0
     for i in range(parts):
-        stop = start + base + (1 if i < extra else 0)
+        stop = start + base + (1 if i in larger else 0)
         ranges.append((start, stop))
         start = stop
     return ranges
@@ -220,9 +224,12 @@ def _split_attention(name: str, tensor: TensorLike, config: ModelConfig,
         for rank, (k0, k1) in zip(ranks, kv_ranges, strict=True))
 
 
-def _block_ranges(down: TensorLike, width: int, n_workers: int) -> list[tuple[int, int]]:
+def _block_ranges(down: TensorLike, width: int, n_workers: int, layer: int
+                  ) -> list[tuple[int, int]]:
     """Even ranges of an FFN's intermediate dimension whose bounds are multiples of the down
-    tensor's quant block, so the down columns of every slice hold whole blocks."""
+    tensor's quant block, so the down columns of every slice hold whole blocks. When the blocks
+    do not divide evenly (Qwen3-30B's 768-wide experts are 3 K-quant blocks), which worker gets
+    the larger slice rotates with the layer, so over the layers every worker reads the same."""
     block = type_block(down.ggml_type)[0]
     units = width // block
     if units * block != width:
@@ -231,7 +238,7 @@ def _block_ranges(down: TensorLike, width: int, n_workers: int) -> list[tuple[in
     if units < n_workers:
         raise PlanError(f"{down.name}: {units} quant blocks wide cannot be split over "
                         f"{n_workers} workers; use fewer NUMA nodes per host")
-    return [(a * block, b * block) for a, b in _even_ranges(units, n_workers)]
+    return [(a * block, b * block) for a, b in _even_ranges(units, n_workers, rotate=layer)]
 
 
 def _split_ffn(name: str, tensor: TensorLike, tensors: Mapping[str, TensorLike],
@@ -250,7 +257,8 @@ def _split_ffn(name: str, tensor: TensorLike, tensors: Mapping[str, TensorLike],
     down_name = name.replace("_gate", "_down").replace("_up", "_down")
     if down_name not in cache:
         down = tensors[down_name]
-        cache[down_name] = _block_ranges(down, down.shape[-1], len(ranks))
+        cache[down_name] = _block_ranges(down, down.shape[-1], len(ranks),
+                                         _layer_of(down_name) or 0)
     axis = len(tensor.shape) - 1 if is_down else len(tensor.shape) - 2
     return tuple(Shard(rank, axis, a, b, _slice_bytes(tensor, axis, a, b),
                        block_aligned=is_down)
@@ -481,7 +489,8 @@ def _place(config: ModelConfig, unique: Mapping[str, TensorLike], hosts: Sequenc
             name, ranges = uneven[0]
             notes.append(f"{stage.plan.host}: expert slices are uneven ({name}: "
                          f"{'/'.join(str(b - a) for a, b in ranges)} columns, whole quant "
-                         f"blocks each); --strategy expert_parallel splits experts evenly")
+                         f"blocks each; the larger slice rotates over the workers layer by "
+                         f"layer); --strategy expert_parallel splits experts evenly")
     return placements
 
 
