@@ -70,7 +70,7 @@ def measure(args: argparse.Namespace) -> tuple[Speed, Speed, list[float], Plan, 
     vocab_size = engine.config.vocab_size
     spec = ModelSpec(engine.config, _tensors(model))
     topology = cluster_topology(args.workers, total_read_gbs)
-    plan = make_plan(spec, topology, PlanOptions(ctx=n_ctx, gpu="off"))
+    plan = make_plan(spec, topology, PlanOptions(ctx=n_ctx, gpu="off", strategy=args.strategy))
     log(f"cluster: {args.workers} pinned workers x 1 thread")
     session = start_local_ray(topology)
     single, clustered, ratios = Speed(args.tg), Speed(args.tg), []
@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--tg", type=int, default=32)
     parser.add_argument("--pp", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--strategy", default="tensor_parallel",
+                        choices=("tensor_parallel", "expert_parallel"))
     args = parser.parse_args()
     if not args.model.exists():
         raise SystemExit(f"{args.model} not found; make it with python bench/make_moe_model.py")
@@ -122,8 +124,8 @@ def main() -> None:
 
     predicted = plan.predicted_decode_tok_s
     print(f"`python {shlex.join(sys.argv)}`\n")
-    print(f"Model {args.model.name}, {args.workers} threads; read bandwidth of {args.workers} "
-          f"threads {total_read_gbs:.1f} GB/s (each virtual node credited "
+    print(f"Model {args.model.name}, {args.workers} threads, {plan.strategy}; read bandwidth "
+          f"of {args.workers} threads {total_read_gbs:.1f} GB/s (each virtual node credited "
           f"{total_read_gbs / args.workers:.1f}); medians of {args.repeats} repeats of "
           f"tg{args.tg}.\n")
     print(f"Runs alternate single/cluster; the ratio is the median of the {args.repeats} "
