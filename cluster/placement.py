@@ -241,20 +241,32 @@ def _block_ranges(down: TensorLike, width: int, n_workers: int, layer: int
     return [(a * block, b * block) for a, b in _even_ranges(units, n_workers, rotate=layer)]
 
 
+def _blocks_do_not_divide(down: TensorLike, n_workers: int) -> bool:
+    """Whether an FFN's intermediate width is not a whole number of quant blocks per worker."""
+    return (down.shape[-1] // type_block(down.ggml_type)[0]) % n_workers != 0
+
+
 def _split_ffn(name: str, tensor: TensorLike, tensors: Mapping[str, TensorLike],
                ranks: Sequence[int], options: PlanOptions, config: ModelConfig,
                cache: dict[str, list[tuple[int, int]]]) -> tuple[Shard, ...]:
     """Shards of a routed-expert, shared-expert or dense FFN tensor over a stage's `ranks`."""
     is_down = "_down" in name
     expert = _EXPERT.fullmatch(name) is not None
-    if expert and options.strategy == STRATEGY_EXPERT_PARALLEL:
+    down_name = name.replace("_gate", "_down").replace("_up", "_down")
+    if expert and options.strategy == STRATEGY_EXPERT_PARALLEL or (
+            expert and _blocks_do_not_divide(tensors[down_name], len(ranks))
+            and config.n_experts >= len(ranks)):
+        # Whole experts. Under tensor parallel too when the expert width is not a multiple of
+        # (workers x quant block): column slices must hold whole blocks, so widths would differ
+        # (Qwen3-30B: 3 blocks over 2 workers -> 512/256) and, since every layer ends in an
+        # all-reduce, each layer would wait for the worker with the wider slice: measured 0.87
+        # of the single process against 0.95 with whole experts (bench/RESULTS.md).
         if config.n_experts < len(ranks):
             raise PlanError(f"expert parallel: {config.n_experts} experts cannot be shared by "
                             f"{len(ranks)} workers; use --strategy tensor_parallel")
         ranges = _even_ranges(config.n_experts, len(ranks))
         return tuple(Shard(rank, 0, a, b, _slice_bytes(tensor, 0, a, b))
                      for rank, (a, b) in zip(ranks, ranges, strict=True))
-    down_name = name.replace("_gate", "_down").replace("_up", "_down")
     if down_name not in cache:
         down = tensors[down_name]
         cache[down_name] = _block_ranges(down, down.shape[-1], len(ranks),
@@ -483,14 +495,21 @@ def _place(config: ModelConfig, unique: Mapping[str, TensorLike], hosts: Sequenc
         placements.append(TensorPlacement(name, tensor.ggml_type, tuple(tensor.shape),
                                           tensor.n_bytes, replicated, pinned, tuple(shards)))
     for stage, ranges_of in zip(stages, ffn_ranges, strict=True):
+        whole = sorted({_layer_of(p.name) for p in placements if _EXPERT.fullmatch(p.name)
+                        and any(sh.axis == 0 and sh.rank in stage.cpu_ranks for sh in p.shards)})
+        if whole and options.strategy != STRATEGY_EXPERT_PARALLEL:
+            notes.append(f"{stage.plan.host}: routed experts of {len(whole)} layer(s) split "
+                         f"whole (expert parallel): their width is not a whole number of quant "
+                         f"blocks per worker, and uneven slices would stall every layer's "
+                         f"all-reduce")
         uneven = [(name, ranges) for name, ranges in ranges_of.items()
-                  if len({b - a for a, b in ranges}) > 1 and _EXPERT.fullmatch(name)]
+                  if len({b - a for a, b in ranges}) > 1]
         if uneven:
             name, ranges = uneven[0]
-            notes.append(f"{stage.plan.host}: expert slices are uneven ({name}: "
+            notes.append(f"{stage.plan.host}: FFN slices are uneven ({name}: "
                          f"{'/'.join(str(b - a) for a, b in ranges)} columns, whole quant "
                          f"blocks each; the larger slice rotates over the workers layer by "
-                         f"layer); --strategy expert_parallel splits experts evenly")
+                         f"layer)")
     return placements
 
 

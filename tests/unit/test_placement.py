@@ -29,7 +29,7 @@ from cluster.placement import (
     plan_from_dict,
 )
 from cluster.predict import Calibration
-from cluster.topology import GIB, Topology, load_topology, virtual_numa
+from cluster.topology import GIB, Host, NumaNode, Topology, load_topology, virtual_numa
 from tests.reference.tiny_models import TinyModel
 
 REPO = Path(__file__).resolve().parents[2]
@@ -425,3 +425,28 @@ def test_cli_plan_builtin_model() -> None:
     assert unknown.returncode == 1 and "known: deepseek-r1, deepseek-v3" in unknown.stderr
     listing = _numoe("plan", "--list-models")
     assert listing.returncode == 0 and "qwen3-coder-480b" in listing.stdout
+
+
+@pytest.mark.parametrize(("n_workers", "expected_axis"), [(2, 1), (3, 1), (4, 0)])
+def test_experts_split_whole_when_blocks_do_not_divide(n_workers: int,
+                                                       expected_axis: int) -> None:
+    """Qwen3-235B's experts are 1536 wide: 6 K-quant blocks of 256 (gguf-py's block size). Over
+    2 or 3 workers they split into equal column slices; over 4 the slices would be uneven, so
+    the planner splits whole experts instead (and says so), keeping every layer balanced."""
+    model = describe("qwen3-235b-a22b:Q4_K_M")
+    spec = ModelSpec(model.config, model.tensors)
+    down = model.tensors["blk.0.ffn_down_exps.weight"]
+    block = gguf_py.GGML_QUANT_SIZES[gguf_py.GGMLQuantizationType(down.ggml_type)][0]
+    assert down.shape[-1] // block == 6
+    one_node = Topology(hosts=(Host(name="box", nodes=(
+        NumaNode(node_id=0, cpus=tuple(range(12)), memory_bytes=1024 * GIB),)),))
+    topology = virtual_numa(one_node, n_workers)
+    plan = make_plan(spec, topology, PlanOptions(ctx=512, gpu="off"))
+    for name in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+        tensor = next(t for t in plan.tensors if t.name == f"blk.3.{name}.weight")
+        axes = {shard.axis for shard in tensor.shards}
+        expected = {2 if "down" in name else 1} if expected_axis == 1 else {0}
+        assert axes == expected, (name, axes)
+        widths = {shard.stop - shard.start for shard in tensor.shards}
+        assert len(widths) == 1  # equal slices for every worker
+    assert (expected_axis == 0) == any("split whole" in note for note in plan.notes)
