@@ -2,6 +2,7 @@
 
     runner = ClusterRunner("model.gguf", plan, n_ctx=4096, topology=topology)
     logits = runner.forward([1, 2, 3], start=0, logits="last")  # float32 [1, vocab]
+    runner.forward_batch([SequenceChunk(slot, start, ids), ...])  # float32 [n_chunks, vocab]
     runner.worker_stats()                                      # counters per worker
     runner.close()
 
@@ -23,6 +24,11 @@ asks Ray whether any worker's pending `serve()` call has ended (the actor died o
 plane crashed), and gives up after step_timeout_s in any case. After a failed step the runner
 refuses further steps (the workers' KV caches and reductions are out of step): close it and
 start a new one.
+
+Continuous batching (worker/batch.py): each worker keeps options.n_slots KV caches; a FORWARD
+carries several sequences' tokens, its sequence_ids being their slots, and the last stage
+returns one logits row per sequence (its last token). forward_batch sends one FORWARD per
+batch-invariant pass of the call.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from cluster.protocol import (
 )
 from cluster.ray_cluster import RaySession, check_resources, numa_resource
 from cluster.topology import Topology
+from worker.batch import SequenceChunk, batch_passes, check_chunks
 from worker.worker import NumaWorker, WorkerOptions
 
 _POLL_MS = 50  # between looks at the workers' liveness while waiting for a step
@@ -216,14 +223,39 @@ class ClusterRunner:
 
     # --- steps -------------------------------------------------------------------------------
 
-    def forward(self, token_ids: Sequence[int] | np.ndarray, start: int,
-                logits: Literal["last", "all"] = "last") -> np.ndarray:
-        """Logits for the new tokens: float32 [1, vocab] for the last one, or [T, vocab]."""
+    @property
+    def n_slots(self) -> int:
+        """KV-cache slots of every worker: sequences forward_batch can hold at once."""
+        return self.options.n_slots
+
+    def forward_batch(self, chunks: Sequence[SequenceChunk]) -> np.ndarray:
+        """Logits of each chunk's last token, float32 [len(chunks), vocab], each row what
+        that sequence gives alone (worker/batch.py). A chunk at 0 reuses its slot."""
+        self._check_usable()
+        check_chunks(chunks, self.n_slots, self.n_ctx, self.vocab_size)
+        out = np.empty((len(chunks), self.vocab_size), np.float32)  # [n_chunks, vocab]
+        for indices in batch_passes(chunks):
+            part = [chunks[i] for i in indices]
+            ids = np.fromiter((t for c in part for t in c.token_ids), np.int64)  # [sum T]
+            positions = np.concatenate([np.arange(c.start, c.start + len(c.token_ids))
+                                        for c in part]).astype(np.int64)  # [sum T]
+            slots = np.concatenate([np.full(len(c.token_ids), c.slot)
+                                    for c in part]).astype(np.int64)  # [sum T]
+            out[indices] = self._run_step(ids, positions, slots, False, len(part))
+        return out
+
+    def _check_usable(self) -> None:
         if self._closed:
             raise NumoeError("the cluster runner is closed")
         if self._broken is not None:
             raise NumoeError(f"the cluster failed earlier ({self._broken}); its workers are "
                              f"out of step: close it and start a new one")
+
+    def forward(self, token_ids: Sequence[int] | np.ndarray, start: int,
+                logits: Literal["last", "all"] = "last") -> np.ndarray:
+        """Logits for the new tokens of slot 0: float32 [1, vocab] for the last one, or
+        [T, vocab]."""
+        self._check_usable()
         ids = np.asarray(token_ids, dtype=np.int64)  # [T]
         n_tokens = len(ids)
         if n_tokens == 0:
@@ -231,15 +263,21 @@ class ClusterRunner:
         if start < 0 or start + n_tokens > self.n_ctx:
             raise ValueError(
                 f"positions [{start}, {start + n_tokens}) exceed the context of {self.n_ctx}")
+        all_logits = logits == "all"
+        return self._run_step(ids, np.arange(start, start + n_tokens, dtype=np.int64),
+                              np.zeros(n_tokens, np.int64), all_logits,
+                              n_tokens if all_logits else 1)
+
+    def _run_step(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray,
+                  all_logits: bool, rows: int) -> np.ndarray:
+        """One FORWARD (token t of slot slots[t] at positions[t]) -> logits [rows, vocab]."""
         step = self._step
         self._step += 1
-        all_logits = logits == "all"
         try:
-            frames = encode(Forward(step, ids, np.arange(start, start + n_tokens, dtype=np.int64),
-                                    np.zeros(n_tokens, np.int64), all_logits=int(all_logits)))
+            frames = encode(Forward(step, ids, positions, slots, all_logits=int(all_logits)))
             for rank in self.plan.stages[0].ranks:
                 self._push[rank].send_multipart(frames)
-            return self._collect(step, n_tokens if all_logits else 1)
+            return self._collect(step, rows)
         except NumoeError as error:
             self._broken = str(error)
             raise

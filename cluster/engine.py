@@ -88,11 +88,12 @@ class Engine:
     def __init__(self, model_path: str | os.PathLike, backend: BackendName = "cpu",
                  n_threads: int | None = None, n_ctx: int = DEFAULT_CTX,
                  isa: str | None = None, kv_cache_dtype: str | None = None,
-                 runner_factory: RunnerFactory | None = None) -> None:
+                 runner_factory: RunnerFactory | None = None, n_slots: int = 1) -> None:
         """kv_cache_dtype: "float32" or "float16" (llama.cpp's default cache type); None keeps
         the backend's activation dtype (float32 on the CPU backend). runner_factory: build the
         forward pass elsewhere (e.g. NUMA workers); backend, n_threads, isa and kv_cache_dtype
-        are then the factory's business and the engine touches no weights."""
+        are then the factory's business and the engine touches no weights. n_slots: KV-cache
+        slots of the runner, sequences it can run at once (runner.forward_batch)."""
         if n_ctx <= 0:
             raise NumoeError(f"context size {n_ctx} must be a positive number of tokens")
         started = time.perf_counter()
@@ -108,7 +109,7 @@ class Engine:
             if runner_factory is None:
                 self.backend = make_backend(backend, n_threads, isa)
                 self.runner = ModelRunner(self.config, tensors, self.gguf, self.backend,
-                                          self.n_ctx, kv_cache_dtype)
+                                          self.n_ctx, kv_cache_dtype, n_slots)
             else:
                 self.runner = runner_factory(self.model_path, self.config, tensors, self.n_ctx)
         except BaseException:

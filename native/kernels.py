@@ -200,8 +200,11 @@ def matmul(ggml_type: int, weight: Any, n_out: int, n_in: int, x: np.ndarray) ->
     return matmul_view(WeightView(ggml_type, (n_out, n_in), weight, "matmul weight"), x)
 
 
-def matmul_view(weight: WeightView, x: np.ndarray) -> np.ndarray:
-    """`matmul` over a WeightView [n_out, n_in]: x [..., n_in] -> x @ W^T [..., n_out]."""
+def matmul_view(weight: WeightView, x: np.ndarray, rows_alone: bool = False) -> np.ndarray:
+    """`matmul` over a WeightView [n_out, n_in]: x [..., n_in] -> x @ W^T [..., n_out].
+    rows_alone: compute every row exactly as a call with that row alone would (the decode
+    path for all rows, never the prompt GEMM), so a row's result does not depend on the
+    others: a batch of decode steps of several sequences."""
     n_out, n_in = weight.shape[-2], weight.shape[-1]
     x = _as_f32(x)
     if x.ndim == 0 or x.shape[-1] != n_in:
@@ -209,7 +212,8 @@ def matmul_view(weight: WeightView, x: np.ndarray) -> np.ndarray:
     y = np.empty(x.shape[:-1] + (n_out,), _F32)  # [T, n_out] or [n_out]
     n_tokens = x.size // n_in
     if n_tokens:
-        status = lib.numoe_matmul(weight.ggml_type, weight.pointer, n_out, n_in,
+        fn = lib.numoe_matmul_rows if rows_alone else lib.numoe_matmul
+        status = fn(weight.ggml_type, weight.pointer, n_out, n_in,
                                   ffi.from_buffer("float[]", x), n_tokens,
                                   ffi.from_buffer("float[]", y))
         _check_status(status, "matmul")
@@ -254,8 +258,9 @@ def moe(
 
 def moe_views(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray,
               gate: WeightView, up: WeightView, down: WeightView,
-              activation: ActivationName) -> np.ndarray:
-    """`moe` over WeightViews: gate, up [E, F, H], down [E, H, F]; negative ids skip."""
+              activation: ActivationName, rows_alone: bool = False) -> np.ndarray:
+    """`moe` over WeightViews: gate, up [E, F, H], down [E, H, F]; negative ids skip.
+    rows_alone: as in matmul_view (every (token, expert) pair on the decode path)."""
     x = _as_f32(x)
     if x.ndim != 2:
         raise ValueError(f"moe: x must be [T, H], got shape {list(x.shape)}")
@@ -278,7 +283,7 @@ def moe_views(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray,
     if expert_ids.shape[1] <= 0:
         raise ValueError("moe: each token needs at least one expert (K > 0)")
     return _moe_call(x, expert_ids, expert_weights, n_experts, n_ff, gate, up, down,
-                     _activation(activation, "moe"), "moe")
+                     _activation(activation, "moe"), "moe", rows_alone)
 
 
 # A dense FFN is a MoE with one expert that every token uses with weight 1; the decode step's
@@ -288,9 +293,9 @@ _ONE_TOKEN_WEIGHTS = np.ones((1, 1), np.float32)  # [T=1, K=1]
 
 
 def dense_ffn(x: np.ndarray, gate: WeightView, up: WeightView, down: WeightView,
-              activation: ActivationName) -> np.ndarray:
+              activation: ActivationName, rows_alone: bool = False) -> np.ndarray:
     """x [T, H] -> down(act(gate x) * up x) [T, H]: gate, up [F, H], down [H, F], in one
-    native call (numoe_moe with one expert)."""
+    native call (numoe_moe with one expert). rows_alone: as in matmul_view."""
     x = _as_f32(x)
     if x.ndim != 2:
         raise ValueError(f"dense_ffn: x must be [T, H], got shape {list(x.shape)}")
@@ -305,7 +310,7 @@ def dense_ffn(x: np.ndarray, gate: WeightView, up: WeightView, down: WeightView,
     else:
         ids, weights = np.zeros((n_tokens, 1), np.int32), np.ones((n_tokens, 1), np.float32)
     return _moe_call(x, ids, weights, 1, n_ff, gate, up, down,
-                     _activation(activation, "dense_ffn"), "dense_ffn")
+                     _activation(activation, "dense_ffn"), "dense_ffn", rows_alone)
 
 
 def _activation(name: str, call: str) -> int:
@@ -318,12 +323,13 @@ def _activation(name: str, call: str) -> int:
 
 def _moe_call(x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray,
               n_experts: int, n_ff: int, gate: WeightView, up: WeightView, down: WeightView,
-              act: int, call: str) -> np.ndarray:
+              act: int, call: str, rows_alone: bool = False) -> np.ndarray:
     """numoe_moe on checked arguments: x [T, H] float32, expert_ids int32 and expert_weights
     float32 [T, K], all C-contiguous -> y [T, H]."""
     n_tokens, n_embd = x.shape
     y = np.empty((n_tokens, n_embd), _F32)  # [T, H]
-    status = lib.numoe_moe(
+    fn = lib.numoe_moe_rows if rows_alone else lib.numoe_moe
+    status = fn(
         ffi.from_buffer("float[]", x), n_tokens, n_embd,
         ffi.from_buffer("int32_t[]", expert_ids), ffi.from_buffer("float[]", expert_weights),
         expert_ids.shape[1], n_experts, n_ff,

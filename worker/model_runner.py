@@ -6,11 +6,13 @@ are zero-copy views into the GGUF mapping (the OS pages them in as they are read
 one forward pass in the codebase, whether one process runs the model or a cluster does.
 
 A prompt is one batch (matrix-matrix products); decode is T = 1 (matrix-vector). The KV cache
-is in the backend's dtype or, on request, float16.
+is in the backend's dtype or, on request, float16. With n_slots > 1 it runs several sequences
+at once (forward_batch; worker/batch.py), each sequence's results independent of the others.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -22,6 +24,7 @@ from cluster.placement import ModelSpec, Plan, PlanOptions, make_plan
 from cluster.protocol import ReduceSite
 from cluster.topology import Host, NumaNode, Topology
 from worker.backends.base import Backend, WeightData
+from worker.batch import SequenceChunk, batch_passes, check_chunks
 from worker.counters import WorkerCounters
 from worker.layers.attention import KVCache
 from worker.shard_runner import ShardRunner
@@ -51,20 +54,24 @@ def _no_reduce(partial: np.ndarray, site: ReduceSite, layer: int) -> np.ndarray:
 
 
 class ModelRunner:
-    """Runs one sequence: `forward` appends tokens at `start` and returns their logits."""
+    """Runs sequences in n_slots KV-cache slots: `forward` appends tokens of slot 0 at
+    `start` and returns their logits; `forward_batch` appends chunks of several slots."""
 
     def __init__(self, config: ModelConfig, tensors: TensorMap, gguf: GGUFFile,
-                 backend: Backend, n_ctx: int, kv_cache_dtype: DTypeLike | None = None) -> None:
+                 backend: Backend, n_ctx: int, kv_cache_dtype: DTypeLike | None = None,
+                 n_slots: int = 1) -> None:
         """kv_cache_dtype: the backend's dtype when None; float16 halves the cache and rounds
-        keys and values as llama.cpp's default F16 cache does."""
+        keys and values as llama.cpp's default F16 cache does. n_slots: sequences kept at
+        once, each with its own n_ctx-token KV cache."""
         self.config = config
         self.backend = backend
         self.n_ctx = n_ctx
+        self.n_slots = n_slots
         self.plan = single_worker_plan(config, tensors, n_ctx)
         weights = {tensor.name: weight_data(gguf, tensors, tensor.name)
                    for tensor in self.plan.tensors}
         self.shard = ShardRunner(config, self.plan, 0, weights, backend, n_ctx, _no_reduce,
-                                 kv_cache_dtype)
+                                 kv_cache_dtype, n_slots)
 
     @property
     def cache(self) -> KVCache:
@@ -79,3 +86,17 @@ class ModelRunner:
         """Logits for the new tokens: [1, vocab] for the last one, or [T, vocab] for all."""
         return self.shard.forward(start, token_ids=np.asarray(token_ids, dtype=np.int64),
                                   logits=logits)
+
+    def forward_batch(self, chunks: Sequence[SequenceChunk]) -> np.ndarray:
+        """Logits of each chunk's last token, float32 [len(chunks), vocab], each row exactly
+        what that sequence gives run alone (see worker/batch.py for the passes a call makes).
+        A chunk starting at 0 reuses its slot for a new sequence."""
+        check_chunks(chunks, self.n_slots, self.n_ctx, self.config.vocab_size)
+        out = np.empty((len(chunks), self.config.vocab_size), np.float32)  # [n_chunks, vocab]
+        for indices in batch_passes(chunks):
+            part = [chunks[i] for i in indices]
+            ids = np.fromiter((t for c in part for t in c.token_ids), np.int64)  # [sum T]
+            out[indices] = self.shard.forward_batch(
+                [c.slot for c in part], [c.start for c in part],
+                [len(c.token_ids) for c in part], token_ids=ids)  # [len(part), vocab]
+        return out

@@ -18,12 +18,18 @@ previous stage's hidden state; the last stage returns this rank's rows [v0, v1) 
 
 One worker holding the whole model (a one-worker plan, no reduces) is the single-process engine
 (worker/model_runner.py), so there is one forward pass in the codebase.
+
+Continuous batching (worker/batch.py): the runner keeps n_slots KV caches, and
+`forward_batch` runs several sequences' chunks at once: all their rows go through each weight
+product together, and attention runs per chunk against its own slot. A call is one chunk of
+any length, or several one-token chunks (decode steps), whose rows then take the batch-invariant
+products (Backend.*_rows), so each row's result is what that decode step gives alone.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,6 +41,7 @@ from cluster.model import SUPPORTED_ARCHITECTURES, ModelConfig
 from cluster.placement import OUTPUT, OUTPUT_NORM, TOKEN_EMBEDDING, Plan, Shard
 from cluster.protocol import ReduceSite
 from worker.backends.base import Backend, WeightData
+from worker.batch import Span, chunk_spans
 from worker.counters import TimedBackend, WorkerCounters
 from worker.layers.attention import KVCache
 from worker.layers.ffn import RouterConfig, local_expert_ids, route
@@ -95,14 +102,19 @@ class LayerWeights:
 
 
 class ShardRunner:
-    """Runs one sequence on one worker: `forward` appends tokens at `start`."""
+    """Runs n_slots sequences on one worker: `forward` appends tokens of slot 0 at `start`,
+    `forward_batch` appends chunks of several slots."""
 
     def __init__(self, config: ModelConfig, plan: Plan, rank: int,
                  weights: Mapping[str, WeightData], backend: Backend, n_ctx: int,
-                 all_reduce: AllReduceFn, kv_cache_dtype: DTypeLike | None = None) -> None:
+                 all_reduce: AllReduceFn, kv_cache_dtype: DTypeLike | None = None,
+                 n_slots: int = 1) -> None:
         """weights: every tensor the plan gives `rank`, each of its slice's shape
         (worker/shard_loader.py). kv_cache_dtype: the backend's dtype when None; float16
-        halves the cache and rounds as llama.cpp's default F16 cache does."""
+        halves the cache and rounds as llama.cpp's default F16 cache does. n_slots: KV caches
+        kept, one per sequence run at once (each n_ctx tokens)."""
+        if n_slots < 1:
+            raise NumoeError(f"n_slots is {n_slots}; a runner needs at least one KV-cache slot")
         if config.architecture not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedArchitectureError(
                 f"numoe can plan {config.architecture} models but not run them yet; run one of "
@@ -119,8 +131,12 @@ class ShardRunner:
         self.stage = plan.stages[self.worker.stage]
         self.n_ctx = n_ctx
         self.all_reduce = all_reduce
+        self.n_slots = n_slots
         self.counters = WorkerCounters.for_model(config.n_layers, config.n_experts)
         self.backend: Backend = TimedBackend(backend, self.counters)
+        # The batch-invariant products are called on the backend itself (TimedBackend does not
+        # forward them) and timed in _rows_call.
+        self._rows_backend = backend
         self.is_first = self.stage.index == 0
         self.is_last = self.stage.index == len(plan.stages) - 1
         self.layer_range = range(*self.stage.layers)
@@ -141,8 +157,9 @@ class ShardRunner:
         self.layers = [self._layer_weights(layer) for layer in self.layer_range]
         self.router_config = RouterConfig(config.n_experts_used, config.expert_weights_norm,
                                           config.expert_weights_scale)
-        self.cache = KVCache([w.attention.n_kv_heads if w.attention else 0 for w in self.layers],
-                             n_ctx, config.head_dim, config.value_head_dim, cache_dtype)
+        kv_heads = [w.attention.n_kv_heads if w.attention else 0 for w in self.layers]
+        self.caches = [KVCache(kv_heads, n_ctx, config.head_dim, config.value_head_dim,
+                               cache_dtype) for _ in range(n_slots)]
         # One table per distinct RoPE base, shared by the layers that use it.
         tables: dict[float, RopeTable] = {}
         self.rope: list[RopeTable] = []
@@ -156,46 +173,69 @@ class ShardRunner:
             self.windows.append(config.sliding_window if config.sliding_layers[layer] else 0)
         self.fixed_bytes_per_forward = self._fixed_bytes()
 
+    @property
+    def cache(self) -> KVCache:
+        """Slot 0's KV cache (the one `forward` uses)."""
+        return self.caches[0]
+
+    @cache.setter
+    def cache(self, cache: KVCache) -> None:
+        """Swap slot 0's cache (a caller keeping its own caches per sequence)."""
+        self.caches[0] = cache
+
     # --- the forward pass ---------------------------------------------------------------
 
     def forward(self, start: int, token_ids: np.ndarray | None = None,
                 hidden: np.ndarray | None = None,
                 logits: Literal["last", "all"] = "last") -> np.ndarray:
-        """T new tokens at positions [start, start + T): token_ids [T] on the first stage, the
-        previous stage's hidden [T, H] on the others. Returns hidden [T, H] off the last stage;
-        on it, this rank's logits [1 (last token) or T, v1 - v0]."""
+        """T new tokens of slot 0 at positions [start, start + T): token_ids [T] on the first
+        stage, the previous stage's hidden [T, H] on the others. Returns hidden [T, H] off the
+        last stage; on it, this rank's logits [1 (last token) or T, v1 - v0]."""
+        n_tokens = len(token_ids) if token_ids is not None else (
+            len(hidden) if hidden is not None else 0)
+        return self.forward_batch([0], [start], [n_tokens], token_ids, hidden, logits)
+
+    def forward_batch(self, slots: Sequence[int], starts: Sequence[int],
+                      lengths: Sequence[int], token_ids: np.ndarray | None = None,
+                      hidden: np.ndarray | None = None,
+                      logits: Literal["last", "all"] = "last") -> np.ndarray:
+        """Chunks i = (slots[i], starts[i], lengths[i]), their tokens back to back: token_ids
+        [sum T] on the first stage, the previous stage's hidden [sum T, H] on the others.
+        One chunk of any length, or several of one token each (decode steps, computed
+        row by row batch-invariantly). Returns hidden [sum T, H] off the last stage; on it,
+        this rank's logits of each chunk's last token [n_chunks, v1 - v0] ("last"), or of
+        every token [T, v1 - v0] ("all", one chunk only)."""
         c = self.config
         backend = self.backend
         hidden = self._input(token_ids, hidden)  # [T, H]
         n_tokens = hidden.shape[0]
-        if start < 0 or start + n_tokens > self.n_ctx:
-            raise ValueError(
-                f"positions [{start}, {start + n_tokens}) exceed the context of {self.n_ctx}")
+        spans = chunk_spans(slots, starts, lengths, n_tokens, self.n_slots, self.n_ctx, logits)
+        rows = len(spans) > 1  # several decode steps: the batch-invariant products
         self.counters.forward_calls += 1
         self.counters.tokens += n_tokens
         self.counters.weight_bytes_read += self.fixed_bytes_per_forward
 
         for local, (layer, w) in enumerate(zip(self.layer_range, self.layers, strict=True)):
             x = backend.rms_norm(hidden, w.attn_norm, c.norm_eps)  # [T, H]
-            attn = self._attention(local, w, x, start)  # this rank's partial [T, H]
+            attn = self._attention(local, w, x, spans, rows)  # this rank's partial [T, H]
             if w.split_attention:
                 attn = self._all_reduce(attn, ReduceSite.ATTENTION, layer)  # full sum [T, H]
             hidden = self._residual(hidden, attn, w.post_attn_norm)  # [T, H]
 
             x = backend.rms_norm(hidden, w.ffn_norm, c.norm_eps)  # [T, H]
-            ffn = self._ffn(layer, w, x)  # this rank's partial [T, H]
+            ffn = self._ffn(layer, w, x, rows)  # this rank's partial [T, H]
             if w.split_ffn:
                 ffn = self._all_reduce(ffn, ReduceSite.FFN, layer)  # full sum [T, H]
             hidden = self._residual(hidden, ffn, w.post_ffn_norm)  # [T, H]
 
         if not self.is_last:
             return hidden
-        if logits == "last":
+        if logits == "last" and not rows:
             hidden = hidden[-1:]  # [1, H]: the LM head is the costliest product; skip the rest
         if self.lm_head is None:
             return np.zeros((hidden.shape[0], 0), backend.dtype)  # no vocabulary rows here
         normed = backend.rms_norm(hidden, self.output_norm, c.norm_eps)  # [T or 1, H]
-        out = backend.matmul(self.lm_head, normed)  # [T or 1, v1 - v0]
+        out = self._matmul(self.lm_head, normed, rows)  # [T or 1, v1 - v0]
         if c.final_logit_softcap:
             cap = np.asarray(c.final_logit_softcap, dtype=out.dtype)
             out /= cap  # in place: the logits are the largest activations of the step
@@ -226,36 +266,73 @@ class ShardRunner:
                              f"{list(hidden.shape)}")
         return hidden
 
-    def _attention(self, local: int, w: LayerWeights, x: np.ndarray, start: int) -> np.ndarray:
-        """x [T, H] -> this rank's kv-head group's share of the attention output [T, H]."""
+    def _matmul(self, weight: Any, x: np.ndarray, rows: bool) -> np.ndarray:
+        """x [T, n_in] -> [T, n_out]; rows: each row as it would be alone."""
+        if not rows:
+            return self.backend.matmul(weight, x)
+        return self._matmul_rows(weight, x)
+
+    def _matmul_rows(self, weight: Any, x: np.ndarray) -> np.ndarray:
+        return self._rows_call(self._rows_backend.matmul_rows, weight, x)
+
+    def _rows_call(self, fn: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
+        started = time.perf_counter()
+        out = fn(*args)
+        self.counters.kernel_seconds += time.perf_counter() - started
+        return out
+
+    def _attention(self, local: int, w: LayerWeights, x: np.ndarray, spans: list[Span],
+                   rows: bool) -> np.ndarray:
+        """x [T, H] -> this rank's kv-head group's share of the attention output [T, H];
+        each chunk attends to its own slot's cache."""
         a = w.attention
         if a is None:
             return np.zeros_like(x)  # [T, H]: the block is pinned to another rank
         c = self.config
         backend = self.backend
         n_tokens = x.shape[0]
-        q = backend.matmul(a.q, x).reshape(n_tokens, a.n_heads, c.head_dim)  # [T, nh', d]
-        k = backend.matmul(a.k, x).reshape(n_tokens, a.n_kv_heads, c.head_dim)  # [T, nkv', d]
-        v = backend.matmul(a.v, x).reshape(n_tokens, a.n_kv_heads, c.value_head_dim)
+        # Bound once: an extra Python frame per product shows in a small model's decode.
+        matmul = self._matmul_rows if rows else backend.matmul
+        q = matmul(a.q, x).reshape(n_tokens, a.n_heads, c.head_dim)  # [T, nh', d]
+        k = matmul(a.k, x).reshape(n_tokens, a.n_kv_heads, c.head_dim)  # [T, nkv', d]
+        v = matmul(a.v, x).reshape(n_tokens, a.n_kv_heads, c.value_head_dim)
         if w.q_norm is not None:
             q = backend.rms_norm(q, w.q_norm, c.norm_eps, out=q)  # in place: q is this step's
             k = backend.rms_norm(k, w.k_norm, c.norm_eps, out=k)
-        q, k = backend.rope(q, k, self.rope[local], start)
-        attn = backend.attention(q, k, v, self.cache, local, start, c.attention_scale,
-                                 self.windows[local])  # [T, nh' * dv]
-        return backend.matmul(a.output, attn)  # [T, H]
+        table, scale, window = self.rope[local], c.attention_scale, self.windows[local]
+        if len(spans) == 1:
+            span = spans[0]
+            q, k = backend.rope(q, k, table, span.start)
+            attn = backend.attention(q, k, v, self.caches[span.slot], local, span.start, scale,
+                                     window)  # [T, nh' * dv]
+        else:
+            attn = np.empty((n_tokens, a.n_heads * c.value_head_dim), q.dtype)  # [T, nh' * dv]
+            for span in spans:
+                q_c, k_c = backend.rope(q[span.r0 : span.r1], k[span.r0 : span.r1], table,
+                                        span.start)  # [t, nh', d], [t, nkv', d]
+                attn[span.r0 : span.r1] = backend.attention(
+                    q_c, k_c, v[span.r0 : span.r1], self.caches[span.slot], local, span.start,
+                    scale, window)
+        return matmul(a.output, attn)  # [T, H]
 
-    def _ffn(self, layer: int, w: LayerWeights, x: np.ndarray) -> np.ndarray:
+    def _ffn(self, layer: int, w: LayerWeights, x: np.ndarray, rows: bool) -> np.ndarray:
         """x [T, H] -> this rank's share of the dense FFN or routed experts [T, H]."""
         f = w.ffn
         if not self.config.is_moe:
             if f is None:
                 return np.zeros_like(x)  # [T, H]: the block is pinned to another rank
+            if rows:
+                return self._rows_call(self._rows_backend.gated_ffn_rows, x, f.gate, f.up,
+                                       f.down, self.config.ffn_activation)
             return self.backend.gated_ffn(x, f.gate, f.up, f.down, self.config.ffn_activation)
         if w.router is None:
             return np.zeros_like(x)  # this rank neither routes nor holds experts (a GPU worker)
         # Replicated router: every rank of the stage picks the same experts.
-        router_logits = x @ w.router.T  # [T, H] @ [H, E] -> [T, E]
+        if rows:  # one product per row: BLAS may sum a lone row differently from a batch
+            router_logits = np.concatenate([x[t : t + 1] @ w.router.T
+                                            for t in range(len(x))])  # [T, E]
+        else:
+            router_logits = x @ w.router.T  # [T, H] @ [H, E] -> [T, E]
         expert_ids, expert_weights = route(router_logits, self.router_config)  # [T, K] each
         tokens_per_expert = np.bincount(expert_ids.ravel(), minlength=self.config.n_experts)
         self.counters.expert_tokens[layer] += tokens_per_expert  # [E]
@@ -269,6 +346,9 @@ class ShardRunner:
         if n_used == 0:
             return np.zeros_like(x)  # none of this rank's experts was picked
         self.counters.weight_bytes_read += n_used * f.n_bytes
+        if rows:
+            return self._rows_call(self._rows_backend.moe_rows, x, expert_ids, expert_weights,
+                                   f.gate, f.up, f.down, self.config.ffn_activation)  # [T, H]
         return self.backend.moe(x, expert_ids, expert_weights, f.gate, f.up, f.down,
                                 self.config.ffn_activation)  # [T, H]
 

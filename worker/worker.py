@@ -71,6 +71,7 @@ class WorkerOptions:
     backend: str = "cpu"  # "cpu" (native kernels) or "numpy" (the reference)
     n_threads: int | None = None  # compute threads per worker; None: one per CPU of its node
     n_ctx: int = 4096  # tokens of KV cache
+    n_slots: int = 1  # KV caches of n_ctx tokens each: sequences batched at once
     kv_cache_dtype: str | None = None  # None: the backend's activation dtype
     isa: str | None = None  # force a kernel instruction set
     bind_memory: bool = True  # set_mempolicy(MPOL_BIND) to the node; False where refused
@@ -334,7 +335,8 @@ class NumaWorker:
             weights = load_shards(gguf, self.plan, self.rank)  # fresh, node-local copies
             self._runner = ShardRunner(config, self.plan, self.rank, weights, self._backend,
                                        self.options.n_ctx, self._all_reduce,
-                                       kv_cache_dtype=self.options.kv_cache_dtype)
+                                       kv_cache_dtype=self.options.kv_cache_dtype,
+                                       n_slots=self.options.n_slots)
         self.counters.weight_bytes = sum(int(w.data.nbytes) for w in weights.values())
         self.counters.load_seconds = time.perf_counter() - started
         return {"rank": self.rank, "weight_bytes": self.counters.weight_bytes,
@@ -372,7 +374,7 @@ class NumaWorker:
         try:
             if self._runner is None:
                 raise NumoeError(f"worker {self.rank} got a step before load()")
-            start = _contiguous_start(positions, sequence_ids)
+            slots, starts, lengths = _chunks(positions, sequence_ids)
             self._step_id = step_id
             mode = "all" if all_logits else "last"
             if token_ids is not None:
@@ -382,11 +384,13 @@ class NumaWorker:
                 if len(bad):
                     raise NumoeError(f"token ids {bad[:5].tolist()} are outside the "
                                      f"vocabulary [0, {vocab})")
-                out = self._runner.forward(start, token_ids=ids, logits=mode)
+                out = self._runner.forward_batch(slots, starts, lengths, token_ids=ids,
+                                                 logits=mode)
             else:
                 as_float = hidden.to_float32() if isinstance(hidden, BFloat16Array) else hidden
                 rows = np.array(as_float, dtype=np.float32)  # [T, H] ours, writable
-                out = self._runner.forward(start, hidden=rows, logits=mode)
+                out = self._runner.forward_batch(slots, starts, lengths, hidden=rows,
+                                                 logits=mode)
             out = np.ascontiguousarray(out, dtype=np.float32)
             if self.is_last_stage:
                 self._send(self._coordinator, Logits(step_id, self.rank, out,
@@ -475,19 +479,24 @@ class NumaWorker:
             shutil.rmtree(self._made_dir, ignore_errors=True)
 
 
-def _contiguous_start(positions: np.ndarray, sequence_ids: np.ndarray) -> int:
-    """The first position of a step whose tokens are consecutive positions of sequence 0 (the
-    only kind of step the cluster runs today)."""
+def _chunks(positions: np.ndarray, sequence_ids: np.ndarray
+            ) -> tuple[list[int], list[int], list[int]]:
+    """A step's tokens as chunks (slots, starts, lengths): runs of one sequence id (its
+    KV-cache slot) at consecutive positions."""
     if len(positions) == 0:
         raise NumoeError("a step needs at least one token")
-    start = int(positions[0])
-    if not np.array_equal(positions, np.arange(start, start + len(positions))):
-        raise NumoeError("a step's positions must be consecutive; batches of several "
-                         "sequences are not supported yet")
-    if np.any(sequence_ids != 0):
-        raise NumoeError("the cluster runs one sequence (id 0) at a time; batching is not "
-                         "supported yet")
-    return start
+    positions = np.asarray(positions, np.int64)  # [T]
+    sequence_ids = np.asarray(sequence_ids, np.int64)  # [T]
+    # A chunk begins where the sequence changes or the positions stop counting up by one.
+    breaks = (sequence_ids[1:] != sequence_ids[:-1]) | (positions[1:] != positions[:-1] + 1)
+    firsts = np.concatenate([[0], np.flatnonzero(breaks) + 1])  # [n_chunks]
+    ends = np.append(firsts[1:], len(positions))
+    slots = sequence_ids[firsts].tolist()
+    if len(set(slots)) != len(slots):
+        raise NumoeError(f"a step's tokens of one sequence must be consecutive positions in "
+                         f"one run; got sequence ids {sequence_ids.tolist()[:16]} at positions "
+                         f"{positions.tolist()[:16]}")
+    return slots, positions[firsts].tolist(), (ends - firsts).tolist()
 
 
 def _ray_location() -> tuple[str, str]:

@@ -164,3 +164,18 @@ int64_t numoe_shm_segment_bytes(int64_t capacity);
 int numoe_shm_all_reduce(void *const *segments, int world_size, int rank, int64_t capacity,
                          int64_t seq, const int64_t *key, const float *values, int64_t n,
                          double timeout_s, float *out, uint64_t *ranks, int64_t *peer_key);
+
+/* --- batch-invariant products (continuous batching; src/matmul.c, src/moe.c) --------------
+ * As numoe_matmul and numoe_moe, with the same arguments, but every token row is computed
+ * exactly as it would be in a call of its own with n_tokens == 1: the vec_dot path (8-bit
+ * activation blocks for integer types) for every row and every expert, never the prompt GEMM.
+ * A row's result therefore does not depend on the other rows of the call (threads split
+ * output rows, never the dot products). Used for a batch of decode steps of several
+ * sequences. */
+int numoe_matmul_rows(int type, const void *weight, int64_t n_out, int64_t n_in,
+                      const float *x, int64_t n_tokens, float *y);
+int numoe_moe_rows(const float *x, int64_t n_tokens, int64_t n_embd,
+                   const int32_t *expert_ids, const float *expert_weights, int64_t n_used,
+                   int64_t n_experts, int64_t n_ff,
+                   int gate_type, const void *gate, int up_type, const void *up,
+                   int down_type, const void *down, int activation, float *y);

@@ -133,8 +133,10 @@ static int matmat_gemm(const numoe_kernel_table *table, int type, const uint8_t 
     return NUMOE_OK;
 }
 
-int numoe_matmul(int type, const void *weight, int64_t n_out, int64_t n_in, const float *x,
-                 int64_t n_tokens, float *y) {
+/* allow_gemm == 0: every row takes the vec_dot path, so each row's result is what it would
+ * be alone (numoe_matmul_rows). */
+static int matmul(int type, const void *weight, int64_t n_out, int64_t n_in, const float *x,
+                  int64_t n_tokens, float *y, int allow_gemm) {
     if (check_type(type) != NUMOE_OK) return NUMOE_EBADTYPE;
     const numoe_kernel_table *table = numoe_active_table();
     if (table->vec_dot[type] == NULL) return NUMOE_EBADTYPE;
@@ -144,7 +146,7 @@ int numoe_matmul(int type, const void *weight, int64_t n_out, int64_t n_in, cons
     if (n_out <= 0 || n_tokens < 0 || n_out > INT64_MAX / row_bytes) return NUMOE_EBADSHAPE;
     if (n_tokens == 0) return NUMOE_OK;
     if (n_tokens > INT64_MAX / n_out || n_tokens > INT64_MAX / n_in) return NUMOE_EBADSHAPE;
-    if (n_tokens >= numoe_gemm_min_tokens(type) && table->dequant[type] != NULL)
+    if (allow_gemm && n_tokens >= numoe_gemm_min_tokens(type) && table->dequant[type] != NULL)
         return matmat_gemm(table, type, weight, row_bytes, n_out, n_in, x, n_tokens, y);
 
     block_q8a *x_q8a = NULL;
@@ -161,4 +163,14 @@ int numoe_matmul(int type, const void *weight, int64_t n_out, int64_t n_in, cons
     }
     free(x_q8a);
     return NUMOE_OK;
+}
+
+int numoe_matmul(int type, const void *weight, int64_t n_out, int64_t n_in, const float *x,
+                 int64_t n_tokens, float *y) {
+    return matmul(type, weight, n_out, n_in, x, n_tokens, y, 1);
+}
+
+int numoe_matmul_rows(int type, const void *weight, int64_t n_out, int64_t n_in,
+                      const float *x, int64_t n_tokens, float *y) {
+    return matmul(type, weight, n_out, n_in, x, n_tokens, y, 0);
 }

@@ -39,6 +39,7 @@ enum {
 typedef struct {
     /* problem */
     int64_t n_tokens, n_embd, n_used, n_ff, n_experts;
+    int allow_gemm;                        /* 0: every pair on the vec_dot path (rows alone) */
     const float *x;                        /* [n_tokens, n_embd] */
     const float *expert_weights;           /* [n_tokens, n_used] */
     const numoe_kernel_table *table;
@@ -95,7 +96,8 @@ static int64_t pair_count(const moe_job *job, int64_t u) {
  * unit of the matrix, so packing and use agree). Never for one token (decode: no packed
  * buffers, even if that token picked one expert several times). */
 static int uses_gemm(const moe_job *job, int type, int64_t u) {
-    return job->n_tokens > 1 && pair_count(job, u) >= numoe_gemm_min_tokens(type);
+    return job->allow_gemm && job->n_tokens > 1 &&
+           pair_count(job, u) >= numoe_gemm_min_tokens(type);
 }
 
 /* One expert matrix (gate, up or down) of one active expert, rows [r0, r1), against all of the
@@ -359,10 +361,10 @@ static int check_weight_type(const numoe_kernel_table *table, int type, int64_t 
     return NUMOE_OK;
 }
 
-int numoe_moe(const float *x, int64_t n_tokens, int64_t n_embd, const int32_t *expert_ids,
-              const float *expert_weights, int64_t n_used, int64_t n_experts, int64_t n_ff,
-              int gate_type, const void *gate, int up_type, const void *up, int down_type,
-              const void *down, int activation, float *y) {
+static int moe(const float *x, int64_t n_tokens, int64_t n_embd, const int32_t *expert_ids,
+               const float *expert_weights, int64_t n_used, int64_t n_experts, int64_t n_ff,
+               int gate_type, const void *gate, int up_type, const void *up, int down_type,
+               const void *down, int activation, float *y, int allow_gemm) {
     if (x == NULL || expert_ids == NULL || expert_weights == NULL || gate == NULL || up == NULL ||
         down == NULL || y == NULL)
         return NUMOE_EBADARG;
@@ -372,6 +374,7 @@ int numoe_moe(const float *x, int64_t n_tokens, int64_t n_embd, const int32_t *e
         return NUMOE_EBADSHAPE;
     const numoe_kernel_table *table = numoe_active_table();
     moe_job job = {.n_embd = n_embd, .n_used = n_used, .n_ff = n_ff, .n_experts = n_experts,
+                   .allow_gemm = allow_gemm,
                    .table = table, .gate_type = gate_type, .up_type = up_type,
                    .down_type = down_type, .activation = activation,
                    .gate = gate, .up = up, .down = down};
@@ -416,7 +419,7 @@ int numoe_moe(const float *x, int64_t n_tokens, int64_t n_embd, const int32_t *e
      * per-thread scratch (a dequantized row tile, then up's outputs for one unit). */
     job.gemm = numoe_active_gemm();
     job.packed_begin = malloc((size_t)(max_active + 1) * sizeof(int64_t));
-    const int prefill = chunk > 1;
+    const int prefill = chunk > 1 && allow_gemm;
     const int64_t packed_slots = max_pairs + max_active * (job.gemm->lanes - 1);
     job.x_packed = prefill ? alloc_floats(packed_slots * n_embd) : NULL;
     job.hidden_packed = prefill ? alloc_floats(packed_slots * n_ff) : NULL;
@@ -453,4 +456,20 @@ int numoe_moe(const float *x, int64_t n_tokens, int64_t n_embd, const int32_t *e
     free(job.hidden_packed);
     free(job.scratch);
     return status;
+}
+
+int numoe_moe(const float *x, int64_t n_tokens, int64_t n_embd, const int32_t *expert_ids,
+              const float *expert_weights, int64_t n_used, int64_t n_experts, int64_t n_ff,
+              int gate_type, const void *gate, int up_type, const void *up, int down_type,
+              const void *down, int activation, float *y) {
+    return moe(x, n_tokens, n_embd, expert_ids, expert_weights, n_used, n_experts, n_ff,
+               gate_type, gate, up_type, up, down_type, down, activation, y, 1);
+}
+
+int numoe_moe_rows(const float *x, int64_t n_tokens, int64_t n_embd, const int32_t *expert_ids,
+                   const float *expert_weights, int64_t n_used, int64_t n_experts, int64_t n_ff,
+                   int gate_type, const void *gate, int up_type, const void *up, int down_type,
+                   const void *down, int activation, float *y) {
+    return moe(x, n_tokens, n_embd, expert_ids, expert_weights, n_used, n_experts, n_ff,
+               gate_type, gate, up_type, up, down_type, down, activation, y, 0);
 }

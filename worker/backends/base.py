@@ -80,6 +80,29 @@ class Backend(ABC):
         -> sum_k w[t,k] * down_e(act(gate_e x) * up_e x)  [T, H]. A negative id skips its
         (token, slot): an expert-parallel worker passes its local ids and -1 for the rest."""
 
+    # --- batch-invariant forms (continuous batching) --------------------------------------
+    # A batch of decode steps of several sequences: each row must come out bit-identical to
+    # the same call with that row alone, whatever else shares the call. These defaults make
+    # one call per row (right for any backend); a backend whose kernels can keep rows apart
+    # in one call (native CPU) overrides them.
+
+    def matmul_rows(self, weight: Any, x: np.ndarray) -> np.ndarray:
+        """matmul, each row x[t] [n_in] computed exactly as matmul(weight, x[t:t+1])."""
+        return np.concatenate([self.matmul(weight, x[t : t + 1]) for t in range(len(x))])
+
+    def gated_ffn_rows(self, x: np.ndarray, gate: Any, up: Any, down: Any,
+                       activation: Activation) -> np.ndarray:
+        """gated_ffn, each row computed exactly as it would be alone."""
+        return np.concatenate([self.gated_ffn(x[t : t + 1], gate, up, down, activation)
+                               for t in range(len(x))])
+
+    def moe_rows(self, x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray,
+                 gate: Any, up: Any, down: Any, activation: Activation) -> np.ndarray:
+        """moe, each row computed exactly as it would be alone."""
+        return np.concatenate([
+            self.moe(x[t : t + 1], expert_ids[t : t + 1], expert_weights[t : t + 1], gate, up,
+                     down, activation) for t in range(len(x))])
+
     @abstractmethod
     def embedding(self, weight: Any, token_ids: np.ndarray) -> np.ndarray:
         """Rows `token_ids` [T] of an embedding matrix, dequantized: [T, n_embd]."""

@@ -70,6 +70,31 @@ class CpuBackend(Backend):
         return kernels.moe_views(x, expert_ids, expert_weights, gate, up, down,
                                  activation)  # x, result [T, H]; ids, weights [T, K]
 
+    # Batch-invariant forms: one native call each, every row on the decode (vec_dot) path,
+    # which quantizes each row's activations on its own and splits threads by output rows.
+
+    def matmul_rows(self, weight: WeightView, x: np.ndarray) -> np.ndarray:
+        return kernels.matmul_view(weight, x, rows_alone=True)  # [T, n_out]
+
+    def gated_ffn_rows(
+        self, x: np.ndarray, gate: WeightView, up: WeightView, down: WeightView,
+        activation: Activation,
+    ) -> np.ndarray:
+        return kernels.dense_ffn(x, gate, up, down, activation, rows_alone=True)  # [T, H]
+
+    def moe_rows(
+        self,
+        x: np.ndarray,
+        expert_ids: np.ndarray,
+        expert_weights: np.ndarray,
+        gate: WeightView,
+        up: WeightView,
+        down: WeightView,
+        activation: Activation,
+    ) -> np.ndarray:
+        return kernels.moe_views(x, expert_ids, expert_weights, gate, up, down, activation,
+                                 rows_alone=True)  # [T, H]
+
     def embedding(self, weight: WeightView, token_ids: np.ndarray) -> np.ndarray:
         n_rows, n_embd = weight.shape
         rows = weight.data.reshape(n_rows, -1)[token_ids]  # [T, row_bytes]: only these rows
