@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from cluster.cluster_cli import add_cluster_arguments
 from cluster.errors import NumoeError
+from cluster.serve_cli import add_serve_parser
 
 if TYPE_CHECKING:
     from cluster.engine import GenerationStats
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: %(default)s)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(handler=_run_plan)
+    add_serve_parser(commands)
     return parser
 
 
