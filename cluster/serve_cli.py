@@ -111,15 +111,21 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeC
     return ServeConfig(model_path=model, chat_template=template, **values)
 
 
-def ready_line(config: ServeConfig, model_name: str) -> str:
+def ready_line(config: ServeConfig, model_name: str, has_chat_template: bool = True) -> str:
+    """The ready line with a curl example that works for this model: chat when it has a chat
+    template, a plain completion otherwise (Gemma 3 270M's GGUF ships none)."""
     base = f"http://{config.host}:{config.port}"
     auth = f" -H {shlex.quote('Authorization: Bearer ' + config.api_key)}" \
         if config.api_key else ""
-    body = shlex.quote(json.dumps({"model": model_name,
-                                   "messages": [{"role": "user", "content": "Hello"}]}))
+    if has_chat_template:
+        path, request = "chat/completions", {
+            "model": model_name, "messages": [{"role": "user", "content": "Hello"}]}
+    else:
+        path, request = "completions", {
+            "model": model_name, "prompt": "The capital of France is", "max_tokens": 16}
+    body = shlex.quote(json.dumps(request))
     return (f"numoe: ready: serving {model_name} at {base}/v1\n"
-            f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
-            f"-d {body}")
+            f"  curl {base}/v1/{path} -H 'Content-Type: application/json'{auth} -d {body}")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -146,7 +152,10 @@ def run_serve(args: argparse.Namespace) -> int:
         assert engine is not None
         print(f"numoe: loaded {engine.config.architecture} in {engine.load_seconds:.1f} s "
               f"({config.max_num_seqs} slots, context {engine.n_ctx})", file=sys.stderr)
-        print(ready_line(config, state.model_name), file=sys.stderr, flush=True)
+        template = state.chat_template
+        print(ready_line(config, state.model_name,
+                         template is not None and template.available),
+              file=sys.stderr, flush=True)
 
     loader = threading.Thread(target=load, name="numoe-load", daemon=True)
     print(f"numoe: listening on http://{config.host}:{config.port} (GET /ready is 503 until "

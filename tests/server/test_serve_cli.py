@@ -4,7 +4,9 @@ prints its ready line and answers."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import httpx
 import pytest
 
 from cluster.errors import NumoeError
-from cluster.serve_cli import add_serve_parser, serve_config
+from cluster.serve_cli import add_serve_parser, ready_line, serve_config
 from tests.reference.tiny_models import TinyModel
 from tests.server.conftest import free_port, tiny_path
 
@@ -78,3 +80,15 @@ def test_chat_template_file_is_read_at_the_edge(tmp_path: Path) -> None:
         "{{ messages[0].content }}"
     with pytest.raises(NumoeError, match="--chat-template"):
         serve_config(parse(), {"NUMOE_CHAT_TEMPLATE": str(tmp_path / "missing.jinja")})
+
+
+def test_ready_line_example_fits_the_model() -> None:
+    """A model without a chat template (Gemma 3 270M's GGUF) gets a completions example, whose
+    body is valid JSON a completions request accepts."""
+    config = serve_config(parse("--api-key", "k3y"), {})
+    chat = ready_line(config, "m", has_chat_template=True)
+    plain = ready_line(config, "m", has_chat_template=False)
+    assert "/v1/chat/completions" in chat and "/v1/chat/" not in plain
+    body = json.loads(shlex.split(plain.splitlines()[1])[-1])
+    assert body == {"model": "m", "prompt": "The capital of France is", "max_tokens": 16}
+    assert "Authorization: Bearer k3y" in plain
