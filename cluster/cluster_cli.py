@@ -117,10 +117,11 @@ def resolve_topology(options: ClusterOptions) -> tuple[Topology, list[str]]:
 
 def cluster_runner_factory(
     options: ClusterOptions, backend: str = "cpu", isa: str | None = None,
-    kv_cache_dtype: str | None = None, notes: TextIO | None = None,
+    kv_cache_dtype: str | None = None, notes: TextIO | None = None, n_slots: int = 1,
 ) -> RunnerFactory:
     """Engine's runner_factory: plan the model on the topology, start or join Ray, and start
-    the workers. Notes (topology choices, plan assumptions) go to `notes` (default stderr)."""
+    the workers (each keeping n_slots KV caches, one per concurrent sequence). Notes (topology
+    choices, plan assumptions) go to `notes` (default stderr)."""
     topology, topology_notes = resolve_topology(options)  # bad flags fail before any model work
 
     def make_runner(model_path: Path, config: ModelConfig, tensors: TensorMap,
@@ -140,7 +141,8 @@ def cluster_runner_factory(
         session = (join_ray(options.ray_address, topology) if options.ray_address
                    else start_local_ray(topology))
         worker_options = WorkerOptions(backend=backend, n_threads=options.threads_per_worker,
-                                       n_ctx=n_ctx, kv_cache_dtype=kv_cache_dtype, isa=isa,
+                                       n_ctx=n_ctx, n_slots=n_slots,
+                                       kv_cache_dtype=kv_cache_dtype, isa=isa,
                                        bind_memory=options.bind_memory,
                                        reduce_transport=options.reduce_transport)
         return ClusterRunner(model_path, plan, n_ctx, topology=topology,

@@ -78,6 +78,7 @@ class ClusterRunner:
         (virtual nodes share one); None: the plan's node ids are real nodes. ray_session:
         closed with the runner (the CLI's private Ray instance)."""
         self.plan = plan
+        self.topology = topology  # None when the plan's node ids are real nodes
         self.n_ctx = n_ctx
         self._ray_session = ray_session
         self.step_timeout_s = step_timeout_s

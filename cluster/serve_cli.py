@@ -1,14 +1,18 @@
 """`numoe serve`: flags and environment variables, read once here, into a frozen ServeConfig.
 
     numoe serve [MODEL.gguf] [--host 127.0.0.1] [--port 8000] [--api-key KEY] ...
+    numoe serve [MODEL.gguf] --workers N | --virtual-numa N | --topology FILE [--ray-address A]
 
-A flag beats its environment variable, which beats the default. The server starts answering
-at once (/ready is 503 while the model loads); a ready line with a curl example follows.
+A flag beats its environment variable, which beats the default. With a cluster flag the model
+runs on one worker per NUMA node (Ray actors), each keeping --max-num-seqs KV-cache slots.
+The server starts answering at once (/ready is 503 while the model loads); a ready line with
+a curl example follows.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -19,10 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cluster.cluster_cli import (
+    ClusterOptions,
+    add_cluster_arguments,
+    cluster_options_from_args,
+    cluster_runner_factory,
+    resolve_topology,
+)
 from cluster.errors import NumoeError
 
 if TYPE_CHECKING:  # the HTTP stack loads only when `serve` runs, not for every numoe command
+    from cluster.engine import RunnerFactory
     from cluster.server import ServeConfig
+    from cluster.topology import Topology
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,10 @@ _OPTIONS = (
     _Option(("--queue-full-status",), "queue_full_status", "NUMOE_QUEUE_FULL_STATUS", int, 503,
             "HTTP status when the queue is full: 503 or 429"),
 )
+# The cluster flags (cluster_cli's, shared with `generate`) and their environment variables.
+_CLUSTER_ENV = {"workers": ("NUMOE_WORKERS", int), "topology_file": ("NUMOE_TOPOLOGY", str),
+                "virtual_numa": ("NUMOE_VIRTUAL_NUMA", int),
+                "ray_address": ("NUMOE_RAY_ADDRESS", str)}
 
 
 def add_serve_parser(commands: Any) -> argparse.ArgumentParser:
@@ -75,6 +92,10 @@ def add_serve_parser(commands: Any) -> argparse.ArgumentParser:
     serve.add_argument("--chat-template", default=None, metavar="FILE",
                        help="Jinja chat template file replacing the model's (env "
                             "NUMOE_CHAT_TEMPLATE; default: the GGUF's tokenizer.chat_template)")
+    add_cluster_arguments(serve)
+    serve.epilog = ("cluster flags from the environment: " + ", ".join(
+        f"{env} (--{dest.replace('_file', '').replace('_', '-')})"
+        for dest, (env, _) in _CLUSTER_ENV.items()))
     serve.set_defaults(handler=run_serve)
     return serve
 
@@ -108,7 +129,32 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeC
         except OSError as error:
             raise NumoeError(f"cannot read the chat template {template_file}: "
                              f"{error.strerror}; check the --chat-template path") from None
-    return ServeConfig(model_path=model, chat_template=template, **values)
+    cluster = _cluster_options(args, environ)
+    if cluster is not None:  # -t/--threads (flag or env) is each worker's thread count
+        cluster = dataclasses.replace(cluster, threads_per_worker=values["threads"])
+    return ServeConfig(model_path=model, chat_template=template, cluster=cluster, **values)
+
+
+def _cluster_options(args: argparse.Namespace, environ: Mapping[str, str]) -> ClusterOptions | None:
+    """The cluster flags, each missing one taken from its environment variable."""
+    filled = argparse.Namespace(**vars(args))
+    for dest, (env, kind) in _CLUSTER_ENV.items():
+        if getattr(filled, dest, None) is None and environ.get(env):
+            try:
+                setattr(filled, dest, kind(environ[env]))
+            except ValueError:
+                raise NumoeError(f"{env}={environ[env]!r} is not a valid "
+                                 f"{kind.__name__}") from None
+    filled.threads = None  # checked with the other serve options; set by the caller
+    return cluster_options_from_args(filled)
+
+
+def serving_runner_factory(options: ClusterOptions, backend: str,
+                           n_slots: int) -> tuple[RunnerFactory, Topology]:
+    """Engine's runner_factory for serving (each worker keeping n_slots KV caches), and the
+    topology the plan is made on (for GET /v1/cluster/topology)."""
+    topology, _ = resolve_topology(options)
+    return cluster_runner_factory(options, backend=backend, n_slots=n_slots), topology
 
 
 def ready_line(config: ServeConfig, model_name: str, has_chat_template: bool = True) -> str:

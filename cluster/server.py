@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster import api_types as api
 from cluster.api_types import ApiError, ChoiceAccumulator, chunk_choice, invalid, logprobs_json
 from cluster.chat_template import ChatTemplate, ChatTemplateError
+from cluster.cluster_cli import ClusterOptions
 from cluster.engine import Engine
 from cluster.errors import NumoeError
 from cluster.metrics import MetricsExporter, ServingStats
@@ -42,6 +43,7 @@ from cluster.scheduler import (
     SchedulerConfig,
     SequenceOutput,
 )
+from cluster.topology import Topology
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_COMPLETIONS_LOGPROBS = 5
@@ -66,6 +68,7 @@ class ServeConfig:
     queue_full_status: int = 503  # or 429
     retry_after_s: int = 1
     max_body_bytes: int = 1 << 20
+    cluster: ClusterOptions | None = None  # None: one process; else workers per NUMA node
 
 
 class ServerState:
@@ -80,17 +83,19 @@ class ServerState:
         self.stats = ServingStats()
         self.exporter: MetricsExporter | None = None
         self.load_error: BaseException | None = None
+        self.topology: Topology | None = None  # the cluster's hardware; None: one process
 
     def load(self) -> None:
         """Open the model (slow) and start the engine thread; failures go to /health."""
         try:
-            self.attach(open_engine(self.config))
+            self.attach(*open_serving(self.config))
         except BaseException as error:
             self.load_error = error
             raise
 
-    def attach(self, engine: Engine) -> None:
+    def attach(self, engine: Engine, topology: Topology | None = None) -> None:
         config = self.config
+        self.topology = topology
         scheduler = Scheduler(engine.runner, engine.tokenizer, engine.n_ctx, SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens, config.max_queued_requests),
             self.stats)
@@ -113,6 +118,12 @@ class ServerState:
 
 
 def open_engine(config: ServeConfig) -> Engine:
+    return open_serving(config)[0]
+
+
+def open_serving(config: ServeConfig) -> tuple[Engine, Topology | None]:
+    """The engine, in this process or on the cluster's workers (each with max_num_seqs
+    KV-cache slots), and the cluster's topology (None in one process)."""
     path: str | Path | None = config.model_path
     if path is None:
         from cluster.default_model import default_model_path  # noqa: PLC0415
@@ -121,7 +132,13 @@ def open_engine(config: ServeConfig) -> Engine:
     kwargs: dict[str, Any] = {"backend": config.backend, "n_threads": config.threads}
     if config.max_model_len is not None:
         kwargs["n_ctx"] = config.max_model_len
-    return Engine(path, n_slots=config.max_num_seqs, **kwargs)
+    topology = None
+    if config.cluster is not None:
+        from cluster.serve_cli import serving_runner_factory  # noqa: PLC0415
+
+        kwargs["runner_factory"], topology = serving_runner_factory(
+            config.cluster, config.backend, config.max_num_seqs)
+    return Engine(path, n_slots=config.max_num_seqs, **kwargs), topology
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -333,8 +350,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/v1/cluster/topology")
     async def cluster_topology(request: Request) -> Any:
         authorize(request)
-        _, scheduler = engine()
-        topology = getattr(scheduler.runner, "topology", None)
+        engine()
+        topology = state.topology
         if topology is None:
             raise ApiError(404, "no cluster topology: this server runs single-process "
                            "(start it with --topology or --workers)", "not_found_error")
