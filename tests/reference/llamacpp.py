@@ -35,6 +35,8 @@ def ensure_built() -> Path:
 def tool(name: str) -> Path:
     """Path of a llama.cpp executable, e.g. tool('llama-quantize')."""
     path = ensure_built() / "build" / "bin" / name
+    if not path.exists():  # a cache built before this tool joined the script's targets
+        subprocess.run(["bash", str(REPO_ROOT / "bench" / "build_llamacpp.sh")], check=True)
     if not path.exists():
         raise FileNotFoundError(f"{path} missing: delete {llamacpp_dir()} and rebuild")
     return path
