@@ -27,15 +27,11 @@ from cluster.cluster_cli import (
     ClusterOptions,
     add_cluster_arguments,
     cluster_options_from_args,
-    cluster_runner_factory,
-    resolve_topology,
 )
 from cluster.errors import NumoeError
 
 if TYPE_CHECKING:  # the HTTP stack loads only when `serve` runs, not for every numoe command
-    from cluster.engine import RunnerFactory
     from cluster.server import ServeConfig
-    from cluster.topology import Topology
 
 
 @dataclass(frozen=True)
@@ -147,14 +143,6 @@ def _cluster_options(args: argparse.Namespace, environ: Mapping[str, str]) -> Cl
                                  f"{kind.__name__}") from None
     filled.threads = None  # checked with the other serve options; set by the caller
     return cluster_options_from_args(filled)
-
-
-def serving_runner_factory(options: ClusterOptions, backend: str,
-                           n_slots: int) -> tuple[RunnerFactory, Topology]:
-    """Engine's runner_factory for serving (each worker keeping n_slots KV caches), and the
-    topology the plan is made on (for GET /v1/cluster/topology)."""
-    topology, _ = resolve_topology(options)
-    return cluster_runner_factory(options, backend=backend, n_slots=n_slots), topology
 
 
 def ready_line(config: ServeConfig, model_name: str, has_chat_template: bool = True) -> str:

@@ -43,7 +43,6 @@ from cluster.scheduler import (
     SchedulerConfig,
     SequenceOutput,
 )
-from cluster.topology import Topology
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_COMPLETIONS_LOGPROBS = 5
@@ -83,19 +82,17 @@ class ServerState:
         self.stats = ServingStats()
         self.exporter: MetricsExporter | None = None
         self.load_error: BaseException | None = None
-        self.topology: Topology | None = None  # the cluster's hardware; None: one process
 
     def load(self) -> None:
         """Open the model (slow) and start the engine thread; failures go to /health."""
         try:
-            self.attach(*open_serving(self.config))
+            self.attach(open_engine(self.config))
         except BaseException as error:
             self.load_error = error
             raise
 
-    def attach(self, engine: Engine, topology: Topology | None = None) -> None:
+    def attach(self, engine: Engine) -> None:
         config = self.config
-        self.topology = topology
         scheduler = Scheduler(engine.runner, engine.tokenizer, engine.n_ctx, SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens, config.max_queued_requests),
             self.stats)
@@ -118,12 +115,8 @@ class ServerState:
 
 
 def open_engine(config: ServeConfig) -> Engine:
-    return open_serving(config)[0]
-
-
-def open_serving(config: ServeConfig) -> tuple[Engine, Topology | None]:
     """The engine, in this process or on the cluster's workers (each with max_num_seqs
-    KV-cache slots), and the cluster's topology (None in one process)."""
+    KV-cache slots)."""
     path: str | Path | None = config.model_path
     if path is None:
         from cluster.default_model import default_model_path  # noqa: PLC0415
@@ -132,13 +125,12 @@ def open_serving(config: ServeConfig) -> tuple[Engine, Topology | None]:
     kwargs: dict[str, Any] = {"backend": config.backend, "n_threads": config.threads}
     if config.max_model_len is not None:
         kwargs["n_ctx"] = config.max_model_len
-    topology = None
     if config.cluster is not None:
-        from cluster.serve_cli import serving_runner_factory  # noqa: PLC0415
+        from cluster.cluster_cli import cluster_runner_factory  # noqa: PLC0415
 
-        kwargs["runner_factory"], topology = serving_runner_factory(
-            config.cluster, config.backend, config.max_num_seqs)
-    return Engine(path, n_slots=config.max_num_seqs, **kwargs), topology
+        kwargs["runner_factory"] = cluster_runner_factory(
+            config.cluster, backend=config.backend, n_slots=config.max_num_seqs)
+    return Engine(path, n_slots=config.max_num_seqs, **kwargs)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -350,8 +342,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/v1/cluster/topology")
     async def cluster_topology(request: Request) -> Any:
         authorize(request)
-        engine()
-        topology = state.topology
+        _, scheduler = engine()
+        topology = getattr(scheduler.runner, "topology", None)  # ClusterRunner's hardware
         if topology is None:
             raise ApiError(404, "no cluster topology: this server runs single-process "
                            "(start it with --topology or --workers)", "not_found_error")
