@@ -33,6 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from tests.reference.llamacpp import llamacpp_dir  # noqa: E402
+from tests.reference.server_process import ServerProcessError, server_process  # noqa: E402
 from tests.server.conftest import free_port  # noqa: E402
 
 PROMPTS = (
@@ -73,32 +74,14 @@ def llama_server() -> Path:
 
 @contextmanager
 def serving(engine: Engine, port: int, log_path: Path) -> Iterator[str]:
-    """The engine's server on `port` until the block ends; its output goes to `log_path`
-    (a file, not a pipe: nobody drains a pipe, and a full one stalls the server)."""
+    """The engine's server on `port` until the block ends; its output goes to `log_path`."""
     base_url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(engine.command, cwd=REPO_ROOT, stdout=log,
-                                   stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"{engine.name} exited; see {log_path}")
-            try:
-                if httpx.get(base_url + engine.ready_path, timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{engine.name} did not become ready in 300 s; see {log_path}")
-            time.sleep(0.2)
-        yield base_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        with server_process(engine.command, base_url + engine.ready_path, log_path,
+                            engine.name, timeout_s=300, cwd=REPO_ROOT):
+            yield base_url
+    except ServerProcessError as error:
+        raise SystemExit(f"{error}\n(log: {log_path})") from None
 
 
 async def one_request(client: httpx.AsyncClient, base_url: str, engine: Engine, prompt: str,

@@ -28,6 +28,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.reference.server_process import server_process as start_server_process
 from tests.server.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -120,30 +121,9 @@ def server_process(gemma3_path: Path, tmp_path_factory: pytest.TempPathFactory
                "--max-queued-requests", str(MAX_QUEUED_REQUESTS),
                "--max-num-batched-tokens", str(PREFILL_CHUNK_TOKENS)]
     base_url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"numoe serve exited ({process.returncode}):\n"
-                                     f"{log_path.read_text()}")
-            try:
-                if httpx.get(f"{base_url}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"numoe serve not ready in 180 s:\n{log_path.read_text()}")
-            time.sleep(0.2)
+    with start_server_process(command, f"{base_url}/ready", log_path, "numoe serve",
+                              timeout_s=180, cwd=REPO_ROOT) as process:
         yield process, base_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _prompt_token_ids(base_url: str) -> list[list[int]]:

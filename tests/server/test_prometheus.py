@@ -5,15 +5,14 @@ per-NUMA-node weight-read bandwidth among them, non-zero after generations."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.reference.server_process import server_process
 from tests.reference.tiny_models import TinyModel
 from tests.server.conftest import RunningServer, free_port
 from tests.server.test_cluster_serve import PROMPT, cluster_serving
@@ -50,39 +49,12 @@ scrape_configs:
       - targets: ["{target}"]
 """)
     port = free_port()
-    log = (directory / "prometheus.log").open("wb")
-    process = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"prometheus exited with {process.returncode}: "
-                                     f"{_tail(directory / 'prometheus.log')}")
-            try:
-                if httpx.get(base + "/-/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("prometheus did not become ready in "
-                                     f"{WAIT_S:.0f} s: {_tail(directory / 'prometheus.log')}")
-            time.sleep(0.2)
+    with server_process(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"], base + "/-/ready",
+            directory / "prometheus.log", "prometheus", timeout_s=WAIT_S):
         yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-
-
-def _tail(path: Path) -> str:
-    return path.read_text(errors="replace")[-2000:]
 
 
 def query_until(prometheus: str, query: str, n_series: int) -> list[dict[str, Any]]:
