@@ -82,6 +82,29 @@ class TimedBackend(Backend):
         self.counters.kernel_seconds += perf_counter() - started
         return out
 
+    # The batch-invariant forms go to the inner backend's own (native: one call each); the
+    # Backend defaults would loop over rows through this wrapper's plain products instead.
+
+    def matmul_rows(self, weight: Any, x: np.ndarray) -> np.ndarray:
+        started = perf_counter()
+        out = self.inner.matmul_rows(weight, x)
+        self.counters.kernel_seconds += perf_counter() - started
+        return out
+
+    def gated_ffn_rows(self, x: np.ndarray, gate: Any, up: Any, down: Any,
+                       activation: Activation) -> np.ndarray:
+        started = perf_counter()
+        out = self.inner.gated_ffn_rows(x, gate, up, down, activation)
+        self.counters.kernel_seconds += perf_counter() - started
+        return out
+
+    def moe_rows(self, x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray,
+                 gate: Any, up: Any, down: Any, activation: Activation) -> np.ndarray:
+        started = perf_counter()
+        out = self.inner.moe_rows(x, expert_ids, expert_weights, gate, up, down, activation)
+        self.counters.kernel_seconds += perf_counter() - started
+        return out
+
     def embedding(self, weight: Any, token_ids: np.ndarray) -> np.ndarray:
         started = perf_counter()
         out = self.inner.embedding(weight, token_ids)

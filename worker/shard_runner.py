@@ -134,9 +134,6 @@ class ShardRunner:
         self.n_slots = n_slots
         self.counters = WorkerCounters.for_model(config.n_layers, config.n_experts)
         self.backend: Backend = TimedBackend(backend, self.counters)
-        # The batch-invariant products are called on the backend itself (TimedBackend does not
-        # forward them) and timed in _rows_call.
-        self._rows_backend = backend
         self.is_first = self.stage.index == 0
         self.is_last = self.stage.index == len(plan.stages) - 1
         self.layer_range = range(*self.stage.layers)
@@ -268,18 +265,7 @@ class ShardRunner:
 
     def _matmul(self, weight: Any, x: np.ndarray, rows: bool) -> np.ndarray:
         """x [T, n_in] -> [T, n_out]; rows: each row as it would be alone."""
-        if not rows:
-            return self.backend.matmul(weight, x)
-        return self._matmul_rows(weight, x)
-
-    def _matmul_rows(self, weight: Any, x: np.ndarray) -> np.ndarray:
-        return self._rows_call(self._rows_backend.matmul_rows, weight, x)
-
-    def _rows_call(self, fn: Callable[..., np.ndarray], *args: Any) -> np.ndarray:
-        started = time.perf_counter()
-        out = fn(*args)
-        self.counters.kernel_seconds += time.perf_counter() - started
-        return out
+        return self.backend.matmul_rows(weight, x) if rows else self.backend.matmul(weight, x)
 
     def _attention(self, local: int, w: LayerWeights, x: np.ndarray, spans: list[Span],
                    rows: bool) -> np.ndarray:
@@ -292,7 +278,7 @@ class ShardRunner:
         backend = self.backend
         n_tokens = x.shape[0]
         # Bound once: an extra Python frame per product shows in a small model's decode.
-        matmul = self._matmul_rows if rows else backend.matmul
+        matmul = backend.matmul_rows if rows else backend.matmul
         q = matmul(a.q, x).reshape(n_tokens, a.n_heads, c.head_dim)  # [T, nh', d]
         k = matmul(a.k, x).reshape(n_tokens, a.n_kv_heads, c.head_dim)  # [T, nkv', d]
         v = matmul(a.v, x).reshape(n_tokens, a.n_kv_heads, c.value_head_dim)
@@ -322,8 +308,8 @@ class ShardRunner:
             if f is None:
                 return np.zeros_like(x)  # [T, H]: the block is pinned to another rank
             if rows:
-                return self._rows_call(self._rows_backend.gated_ffn_rows, x, f.gate, f.up,
-                                       f.down, self.config.ffn_activation)
+                return self.backend.gated_ffn_rows(x, f.gate, f.up, f.down,
+                                                   self.config.ffn_activation)
             return self.backend.gated_ffn(x, f.gate, f.up, f.down, self.config.ffn_activation)
         if w.router is None:
             return np.zeros_like(x)  # this rank neither routes nor holds experts (a GPU worker)
@@ -347,8 +333,8 @@ class ShardRunner:
             return np.zeros_like(x)  # none of this rank's experts was picked
         self.counters.weight_bytes_read += n_used * f.n_bytes
         if rows:
-            return self._rows_call(self._rows_backend.moe_rows, x, expert_ids, expert_weights,
-                                   f.gate, f.up, f.down, self.config.ffn_activation)  # [T, H]
+            return self.backend.moe_rows(x, expert_ids, expert_weights, f.gate, f.up, f.down,
+                                         self.config.ffn_activation)  # [T, H]
         return self.backend.moe(x, expert_ids, expert_weights, f.gate, f.up, f.down,
                                 self.config.ffn_activation)  # [T, H]
 
