@@ -16,7 +16,10 @@ from typing import TYPE_CHECKING
 
 from cluster.cluster_cli import add_cluster_arguments
 from cluster.errors import NumoeError
+from cluster.perplexity import add_perplexity_parser
+from cluster.plot import add_plot_parser
 from cluster.serve_cli import add_serve_parser
+from cluster.sweep_bench import add_bench_parser
 
 if TYPE_CHECKING:
     from cluster.engine import GenerationStats
@@ -150,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(handler=_run_plan)
     add_serve_parser(commands)
+    add_perplexity_parser(commands)
+    add_bench_parser(commands)
+    add_plot_parser(commands)
     return parser
 
 
