@@ -220,6 +220,21 @@ def matmul_view(weight: WeightView, x: np.ndarray, rows_alone: bool = False) -> 
     return y
 
 
+def vec_dot_rows(ggml_type: int, weight: Any, n_out: int, n_in: int,
+                 x: np.ndarray) -> np.ndarray:
+    """Each row of weight [n_out, n_in] dotted with x [n_in] by the ISA's per-pair kernel,
+    never a tile: what every matmul path must reproduce bit for bit (for tests)."""
+    x = _as_f32(x)
+    if x.shape != (n_in,):
+        raise ValueError(f"vec_dot_rows: x must be [{n_in}], got {list(x.shape)}")
+    buf = _weight_buffer(weight, n_out * row_bytes(ggml_type, n_in), "vec_dot_rows weight")
+    y = np.empty(n_out, _F32)
+    status = lib.numoe_vec_dot_rows(ggml_type, buf, n_out, n_in, ffi.from_buffer("float[]", x),
+                                    ffi.from_buffer("float[]", y))
+    _check_status(status, "vec_dot_rows")
+    return y
+
+
 def moe(
     x: np.ndarray,
     expert_ids: np.ndarray,

@@ -174,6 +174,11 @@ int numoe_shm_all_reduce(void *const *segments, int world_size, int rank, int64_
  * sequences. */
 int numoe_matmul_rows(int type, const void *weight, int64_t n_out, int64_t n_in,
                       const float *x, int64_t n_tokens, float *y);
+/* y[r] = the active ISA's per-pair dot product of weight row r with x alone (x [n_in],
+ * quantized to 8-bit blocks for integer types), never a row x token tile: the definition
+ * every other path of numoe_matmul / numoe_matmul_rows reproduces bit for bit. For tests. */
+int numoe_vec_dot_rows(int type, const void *weight, int64_t n_out, int64_t n_in,
+                       const float *x, float *y);
 int numoe_moe_rows(const float *x, int64_t n_tokens, int64_t n_embd,
                    const int32_t *expert_ids, const float *expert_weights, int64_t n_used,
                    int64_t n_experts, int64_t n_ff,

@@ -34,7 +34,11 @@ static int detect_best_isa(void) {
 
 static void inherit_missing(numoe_kernel_table *t, const numoe_kernel_table *lower) {
     for (int i = 0; i < NUMOE_MAX_TYPE; i++) {
-        if (t->vec_dot[i] == NULL) t->vec_dot[i] = lower->vec_dot[i];
+        /* A tile is inherited only with the vec_dot it reproduces bit for bit. */
+        if (t->vec_dot[i] == NULL) {
+            t->vec_dot[i] = lower->vec_dot[i];
+            t->vec_dot_tile[i] = lower->vec_dot_tile[i];
+        }
         if (t->dequant[i] == NULL) t->dequant[i] = lower->dequant[i];
     }
     if (t->quantize_act == NULL) t->quantize_act = lower->quantize_act;

@@ -40,6 +40,12 @@ static_assert(sizeof(block_q8a) == 40, "block_q8a size");
 /* One weight row against one activation row, n elements.
  * For integer types `act` points at n/32 block_q8a; for F32/F16/BF16 at n floats. */
 typedef float (*numoe_vec_dot_fn)(int64_t n, const void *w_row, const void *act);
+/* A tile of weight rows x tokens: y[t * ldy + r] = vec_dot(n, w + r * row_bytes, acts[t]),
+ * bit for bit, for r < n_rows and t < n_tokens. An ISA provides one only for types whose
+ * vec_dot it defines the same way (see qdot_avx512.c); callers without one loop over vec_dot. */
+typedef void (*numoe_vec_dot_tile_fn)(int64_t n, const void *w, int64_t row_bytes,
+                                      int64_t n_rows, const void *const *acts, int64_t n_tokens,
+                                      float *y, int64_t ldy);
 /* Dequantize one row of n elements. */
 typedef void (*numoe_dequant_fn)(int64_t n, const void *src, float *dst);
 /* Quantize n floats (n % 32 == 0) to n/32 block_q8a. */
@@ -48,6 +54,7 @@ typedef void (*numoe_quantize_act_fn)(int64_t n, const float *x, block_q8a *dst)
 #define NUMOE_MAX_TYPE 31
 typedef struct {
     numoe_vec_dot_fn vec_dot[NUMOE_MAX_TYPE];
+    numoe_vec_dot_tile_fn vec_dot_tile[NUMOE_MAX_TYPE];  /* NULL: none; goes with vec_dot */
     numoe_dequant_fn dequant[NUMOE_MAX_TYPE];
     numoe_quantize_act_fn quantize_act;
 } numoe_kernel_table;
@@ -63,10 +70,27 @@ void numoe_fill_table_avx512(numoe_kernel_table *t);
 void numoe_fill_kquants_scalar(numoe_kernel_table *t);
 void numoe_fill_kquants_avx2(numoe_kernel_table *t);
 void numoe_fill_kquants_avx512(numoe_kernel_table *t);
+/* Q8_0, Q4_0, Q5_0 vec_dot and their row x token tiles (qdot_avx512.c). */
+void numoe_fill_qdot_avx512(numoe_kernel_table *t);
 
 /* fp16 <-> fp32 in plain C (scalar reference; SIMD files use F16C). */
 float numoe_half_to_float(numoe_half h);
 numoe_half numoe_float_to_half(float f);
+
+/* Tokens [t0, t1) of a tile call: y[(t - t0) * ldy + r] = row r . activation of t, whose bytes
+ * start at acts + (index ? index[t] : t) * act_bytes. Pointers go to the tile 64 at a time. */
+static inline void numoe_tile_tokens(numoe_vec_dot_tile_fn tile_fn, int64_t n, const void *w,
+                                     int64_t row_bytes, int64_t n_rows, const uint8_t *acts,
+                                     int64_t act_bytes, const int32_t *index, int64_t t0,
+                                     int64_t t1, float *y, int64_t ldy) {
+    const void *ptrs[64];
+    for (int64_t t = t0; t < t1; t += 64) {
+        const int64_t count = t1 - t < 64 ? t1 - t : 64;
+        for (int64_t i = 0; i < count; i++)
+            ptrs[i] = acts + (index != NULL ? index[t + i] : t + i) * act_bytes;
+        tile_fn(n, w, row_bytes, n_rows, ptrs, count, y + (t - t0) * ldy, ldy);
+    }
+}
 
 /* --- runtime shared by the entry points (dispatch.c, types.c) ---------------------------- */
 /* The kernel table of the ISA in use; always complete for the types that have a scalar

@@ -10,7 +10,9 @@
  * float GEMM micro-kernel (gemm.h). A few tokens (2 up to that threshold) keep the vec_dot per
  * (row, token): rows are cut into tiles of ROWS_PER_TILE, and each tile is multiplied with a
  * tile of tokens whose activations fit in L2, so a weight row is read from memory once and
- * then from L1 for every token of the tile. */
+ * then from L1 for every token of the tile. Where the ISA has a row x token tile kernel for
+ * the type (qdot_avx512.c), it replaces the per-pair loops, decode included: it reproduces
+ * vec_dot bit for bit and unpacks each weight block once for all tokens. */
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -21,6 +23,7 @@
 
 enum {
     ROWS_PER_TILE = 16,
+    TILE_GROUP_ROWS = 64,                 /* rows per tile call in a matrix-vector product */
     ACT_TILE_BYTES = 192 * 1024,          /* activations of one token tile, kept in L2 */
     MIN_PARALLEL_BYTES = 128 * 1024       /* below this a fork/join costs more than it saves */
 };
@@ -52,9 +55,21 @@ static int64_t act_row_bytes(int type, int64_t n_in) {
                                      : n_in * (int64_t)sizeof(float);
 }
 
-static void matvec(numoe_vec_dot_fn dot, const uint8_t *weight, int64_t row_bytes, int64_t n_out,
-                   int64_t n_in, const void *act, float *y) {
+static void matvec(const numoe_kernel_table *table, int type, const uint8_t *weight,
+                   int64_t row_bytes, int64_t n_out, int64_t n_in, const void *act, float *y) {
     const int parallel = n_out * row_bytes >= MIN_PARALLEL_BYTES;
+    const numoe_vec_dot_tile_fn tile_fn = table->vec_dot_tile[type];
+    if (tile_fn != NULL) {  /* groups of rows that share one vector register per block */
+        const int64_t n_groups = (n_out + TILE_GROUP_ROWS - 1) / TILE_GROUP_ROWS;
+#pragma omp parallel for num_threads(numoe_active_threads()) schedule(guided) if (parallel)
+        for (int64_t g = 0; g < n_groups; g++) {
+            const int64_t r0 = g * TILE_GROUP_ROWS;
+            const int64_t rows = n_out - r0 < TILE_GROUP_ROWS ? n_out - r0 : TILE_GROUP_ROWS;
+            tile_fn(n_in, weight + r0 * row_bytes, row_bytes, rows, &act, 1, y + r0, n_out);
+        }
+        return;
+    }
+    const numoe_vec_dot_fn dot = table->vec_dot[type];
 #pragma omp parallel for num_threads(numoe_active_threads()) schedule(guided) if (parallel)
     for (int64_t r = 0; r < n_out; r++) y[r] = dot(n_in, weight + r * row_bytes, act);
 }
@@ -63,6 +78,7 @@ static void matmat(const numoe_kernel_table *table, int type, const uint8_t *wei
                    int64_t row_bytes, int64_t n_out, int64_t n_in, const float *x,
                    int64_t n_tokens, block_q8a *x_q8a, float *y) {
     const numoe_vec_dot_fn dot = table->vec_dot[type];
+    const numoe_vec_dot_tile_fn tile_fn = table->vec_dot_tile[type];
     const int64_t act_bytes = act_row_bytes(type, n_in);
     const uint8_t *act = x_q8a != NULL ? (const uint8_t *)x_q8a : (const uint8_t *)x;
     int64_t tokens_per_tile = ACT_TILE_BYTES / act_bytes;
@@ -84,6 +100,11 @@ static void matmat(const numoe_kernel_table *table, int type, const uint8_t *wei
             const int64_t r1 = r0 + ROWS_PER_TILE < n_out ? r0 + ROWS_PER_TILE : n_out;
             for (int64_t t0 = 0; t0 < n_tokens; t0 += tokens_per_tile) {
                 const int64_t t1 = t0 + tokens_per_tile < n_tokens ? t0 + tokens_per_tile : n_tokens;
+                if (tile_fn != NULL) {
+                    numoe_tile_tokens(tile_fn, n_in, weight + r0 * row_bytes, row_bytes, r1 - r0,
+                                      act, act_bytes, NULL, t0, t1, y + t0 * n_out + r0, n_out);
+                    continue;
+                }
                 for (int64_t r = r0; r < r1; r++) {
                     const uint8_t *w_row = weight + r * row_bytes;
                     for (int64_t t = t0; t < t1; t++)
@@ -156,7 +177,7 @@ static int matmul(int type, const void *weight, int64_t n_out, int64_t n_in, con
     }
     if (n_tokens == 1) {
         if (x_q8a != NULL) table->quantize_act(n_in, x, x_q8a);
-        matvec(table->vec_dot[type], weight, row_bytes, n_out, n_in,
+        matvec(table, type, weight, row_bytes, n_out, n_in,
                x_q8a != NULL ? (const void *)x_q8a : (const void *)x, y);
     } else {
         matmat(table, type, weight, row_bytes, n_out, n_in, x, n_tokens, x_q8a, y);
@@ -173,4 +194,27 @@ int numoe_matmul(int type, const void *weight, int64_t n_out, int64_t n_in, cons
 int numoe_matmul_rows(int type, const void *weight, int64_t n_out, int64_t n_in,
                       const float *x, int64_t n_tokens, float *y) {
     return matmul(type, weight, n_out, n_in, x, n_tokens, y, 0);
+}
+
+int numoe_vec_dot_rows(int type, const void *weight, int64_t n_out, int64_t n_in,
+                       const float *x, float *y) {
+    if (check_type(type) != NUMOE_OK) return NUMOE_EBADTYPE;
+    const numoe_kernel_table *table = numoe_active_table();
+    if (table->vec_dot[type] == NULL) return NUMOE_EBADTYPE;
+    if (weight == NULL || x == NULL || y == NULL) return NUMOE_EBADARG;
+    const int64_t row_bytes = numoe_row_bytes(type, n_in);
+    if (row_bytes < 0) return (int)row_bytes;
+    if (n_out <= 0 || n_out > INT64_MAX / row_bytes) return NUMOE_EBADSHAPE;
+    const void *act = x;
+    block_q8a *x_q8a = NULL;
+    if (numoe_type_uses_q8a(type)) {
+        x_q8a = malloc((size_t)(n_in / 32) * sizeof(block_q8a));
+        if (x_q8a == NULL) return NUMOE_EBADSHAPE;
+        table->quantize_act(n_in, x, x_q8a);
+        act = x_q8a;
+    }
+    const uint8_t *rows = weight;
+    for (int64_t r = 0; r < n_out; r++) y[r] = table->vec_dot[type](n_in, rows + r * row_bytes, act);
+    free(x_q8a);
+    return NUMOE_OK;
 }

@@ -66,6 +66,8 @@ typedef struct {
     float *out;                            /* [P, n_embd] */
 } moe_job;
 
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 /* ggml's tanh approximation of GELU. */
@@ -123,10 +125,17 @@ static void expert_rows(const moe_job *job, const expert_matrix *m, int64_t u, i
         return;
     }
     const numoe_vec_dot_fn dot = job->table->vec_dot[m->type];
+    const numoe_vec_dot_tile_fn tile_fn = job->table->vec_dot_tile[m->type];
     const int64_t act_bytes = act_bytes_per_row(m->type, m->n_in);
     const int64_t tile = pairs_per_tile(act_bytes);
     for (int64_t p0 = begin; p0 < end; p0 += tile) {
         const int64_t p1 = p0 + tile < end ? p0 + tile : end;
+        if (tile_fn != NULL) {
+            numoe_tile_tokens(tile_fn, m->n_in, m->rows + r0 * m->row_bytes, m->row_bytes,
+                              r1 - r0, m->acts, act_bytes, m->by_token ? job->pair_token : NULL,
+                              p0, p1, out + (p0 - begin) * ldo, ldo);
+            continue;
+        }
         for (int64_t r = r0; r < r1; r++) {
             const uint8_t *row = m->rows + r * m->row_bytes;
             for (int64_t p = p0; p < p1; p++) {
@@ -146,6 +155,32 @@ static void gate_up_unit(const moe_job *job, int64_t u, int64_t r0, int64_t r1, 
     const int64_t e = job->active_expert[u];
     const uint8_t *gate = job->gate + e * job->n_ff * job->gate_row_bytes;
     const uint8_t *up = job->up + e * job->n_ff * job->up_row_bytes;
+    const numoe_vec_dot_tile_fn gate_tile = job->table->vec_dot_tile[job->gate_type];
+    const numoe_vec_dot_tile_fn up_tile = job->table->vec_dot_tile[job->up_type];
+    if (!uses_gemm(job, job->gate_type, u) && !uses_gemm(job, job->up_type, u) &&
+        gate_tile != NULL && up_tile != NULL) {
+        /* Row x token tiles: each weight block is unpacked once for up to 64 pairs. */
+        float up_out[64 * ROWS_PER_UNIT];  /* [pairs, rows] */
+        const uint8_t *gate_acts = token_act(job, job->gate_type, 0);
+        const uint8_t *up_acts = token_act(job, job->up_type, 0);
+        for (int64_t p0 = job->active_begin[u]; p0 < job->active_begin[u + 1]; p0 += 64) {
+            const int64_t p1 = min64(p0 + 64, job->active_begin[u + 1]);
+            float *hidden = job->hidden + p0 * job->n_ff + r0;
+            numoe_tile_tokens(gate_tile, job->n_embd, gate + r0 * job->gate_row_bytes,
+                              job->gate_row_bytes, r1 - r0, gate_acts,
+                              act_bytes_per_row(job->gate_type, job->n_embd), job->pair_token,
+                              p0, p1, hidden, job->n_ff);
+            numoe_tile_tokens(up_tile, job->n_embd, up + r0 * job->up_row_bytes,
+                              job->up_row_bytes, r1 - r0, up_acts,
+                              act_bytes_per_row(job->up_type, job->n_embd), job->pair_token,
+                              p0, p1, up_out, ROWS_PER_UNIT);
+            for (int64_t i = 0; i < p1 - p0; i++)
+                for (int64_t r = 0; r < r1 - r0; r++)
+                    hidden[i * job->n_ff + r] = activate(job, hidden[i * job->n_ff + r]) *
+                                                up_out[i * ROWS_PER_UNIT + r];
+        }
+        return;
+    }
     if (!uses_gemm(job, job->gate_type, u) && !uses_gemm(job, job->up_type, u)) {
         /* Decode and small groups: gate and up of one pair together, x read once per tile. */
         const numoe_vec_dot_fn gate_dot = job->table->vec_dot[job->gate_type];
@@ -212,8 +247,6 @@ static void down_rows(const moe_job *job, const uint8_t *hidden_acts, int64_t r0
         }
     }
 }
-
-static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* Runs steps 2-5 on the grouped job. Gate/up work units are (active expert, row tile),
  * numbered expert-major; down units are row tiles of y across all active experts. One token:
