@@ -59,7 +59,7 @@ from cluster.protocol import (
 )
 from cluster.ray_cluster import RaySession, check_resources, numa_resource
 from cluster.topology import Topology
-from worker.batch import SequenceChunk, batch_passes, check_chunks
+from worker.batch import SequenceChunk, check_chunks
 from worker.worker import NumaWorker, WorkerOptions
 
 _POLL_MS = 50  # between looks at the workers' liveness while waiting for a step
@@ -234,16 +234,12 @@ class ClusterRunner:
         that sequence gives alone (worker/batch.py). A chunk at 0 reuses its slot."""
         self._check_usable()
         check_chunks(chunks, self.n_slots, self.n_ctx, self.vocab_size)
-        out = np.empty((len(chunks), self.vocab_size), np.float32)  # [n_chunks, vocab]
-        for indices in batch_passes(chunks):
-            part = [chunks[i] for i in indices]
-            ids = np.fromiter((t for c in part for t in c.token_ids), np.int64)  # [sum T]
-            positions = np.concatenate([np.arange(c.start, c.start + len(c.token_ids))
-                                        for c in part]).astype(np.int64)  # [sum T]
-            slots = np.concatenate([np.full(len(c.token_ids), c.slot)
-                                    for c in part]).astype(np.int64)  # [sum T]
-            out[indices] = self._run_step(ids, positions, slots, False, len(part))
-        return out
+        ids = np.fromiter((t for c in chunks for t in c.token_ids), np.int64)  # [sum T]
+        positions = np.concatenate([np.arange(c.start, c.start + len(c.token_ids))
+                                    for c in chunks]).astype(np.int64)  # [sum T]
+        slots = np.concatenate([np.full(len(c.token_ids), c.slot)
+                                for c in chunks]).astype(np.int64)  # [sum T]
+        return self._run_step(ids, positions, slots, False, len(chunks), rows_alone=True)
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -270,12 +266,13 @@ class ClusterRunner:
                               n_tokens if all_logits else 1)
 
     def _run_step(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray,
-                  all_logits: bool, rows: int) -> np.ndarray:
+                  all_logits: bool, rows: int, rows_alone: bool = False) -> np.ndarray:
         """One FORWARD (token t of slot slots[t] at positions[t]) -> logits [rows, vocab]."""
         step = self._step
         self._step += 1
         try:
-            frames = encode(Forward(step, ids, positions, slots, all_logits=int(all_logits)))
+            frames = encode(Forward(step, ids, positions, slots, all_logits=int(all_logits),
+                                    rows_alone=int(rows_alone)))
             for rank in self.plan.stages[0].ranks:
                 self._push[rank].send_multipart(frames)
             return self._collect(step, rows)
@@ -346,6 +343,23 @@ class ClusterRunner:
                 why = f"crashed: {_first_line(getattr(error, 'cause', None) or error)}"
             raise NumoeError(f"step {step}: {self._name(rank)} {why}; close this runner and "
                              f"start a new one")
+
+    def unhealthy(self) -> str | None:
+        """Why this cluster cannot serve, or None: it failed earlier, or a worker's serve()
+        call has ended (its process died or its data plane stopped). No remote call: safe to
+        poll from another thread (a health check) while a step runs."""
+        if self._broken is not None:
+            return self._broken
+        import ray  # noqa: PLC0415
+
+        serving = dict(self._serving)  # a copy: the engine thread may pop a finished call
+        if not serving:
+            return None
+        ended, _ = ray.wait(list(serving), num_returns=len(serving), timeout=0)
+        if not ended:
+            return None
+        names = ", ".join(self._name(serving[ref]) for ref in ended)
+        return f"{names} stopped serving (died or crashed); restart the server"
 
     # --- reports -----------------------------------------------------------------------------
 

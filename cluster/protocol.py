@@ -140,6 +140,9 @@ class Forward:
     sequence_ids: np.ndarray = _array_field(_INDEX_DTYPES, ndim=1)  # [T]
     # Added after version 1's first fields (defaults keep older call sites valid):
     all_logits: int = 0  # 1: the last stage returns logits of every token; 0: of the last one
+    # 1: continuous batching's batch-invariant products (every token row computed as it would
+    # be alone, worker/batch.py); the logits are those of each sequence's last token.
+    rows_alone: int = 0
 
     def _check(self) -> None:
         lengths = {self.token_ids.shape[0], self.positions.shape[0], self.sequence_ids.shape[0]}
@@ -150,6 +153,7 @@ class Forward:
                 f"position and one sequence id per token"
             )
         _check_flag("FORWARD", "all_logits", self.all_logits)
+        _check_flag("FORWARD", "rows_alone", self.rows_alone)
 
 
 @dataclass(frozen=True, eq=False)
@@ -219,6 +223,7 @@ class Hidden:
     positions: np.ndarray = _array_field(_INDEX_DTYPES, ndim=1)  # [T]
     sequence_ids: np.ndarray = _array_field(_INDEX_DTYPES, ndim=1)  # [T]
     hidden: ArrayField = _array_field(_ACTIVATION_DTYPES, ndim=2)  # [T, H]
+    rows_alone: int = 0  # as in the step's FORWARD
 
     def _check(self) -> None:
         lengths = {self.positions.shape[0], self.sequence_ids.shape[0], self.hidden.shape[0]}
@@ -229,6 +234,7 @@ class Hidden:
                 f"position, one sequence id and one hidden row per token"
             )
         _check_flag("HIDDEN", "all_logits", self.all_logits)
+        _check_flag("HIDDEN", "rows_alone", self.rows_alone)
 
 
 def _check_flag(name: str, field_name: str, value: int) -> None:

@@ -6,12 +6,13 @@
     output = await handle.outputs.get()   # SequenceOutput deltas, the last has finish_reason
 
 Each sequence owns one of the runner's KV-cache slots from admission to finish. A step is
-either one prefill chunk of one sequence or one decode step of every decoding sequence, never a
-mix: the runner's batch-invariance contract covers exactly these two shapes (a decode row does
-not depend on its neighbours; a prefill chunk alone equals forward(ids, start)), and chunks are
-cut at fixed multiples of max_num_batched_tokens, so a sequence's logits never depend on what
-else is running. Steps alternate between decode and prefill while both have work, so a long
-prompt delays decoding by one chunk per token instead of stalling it.
+one runner call holding a decode step of every decoding sequence and the next prompt chunks of
+sequences still prefilling, as many as fit in max_num_batched_tokens (the first one always,
+so a prompt is never starved). The runner computes every token row as it would be alone
+(worker/batch.py), and prompts are cut at fixed multiples of max_num_batched_tokens, so a
+sequence's logits never depend on what else is running. A burst of requests is prefilled in
+one step instead of one step each, and a long prompt delays decoding by one chunk per step
+instead of stalling it.
 
 Requests arrive from the asyncio thread (`submit`, `cancel`); outputs go back through
 `loop.call_soon_threadsafe` into each request's asyncio.Queue. The engine thread sleeps on a
@@ -109,7 +110,7 @@ class RequestHandle:
             pass
 
 
-@dataclass
+@dataclass(eq=False)  # identity: queues remove this very sequence
 class _Sequence:
     handle: RequestHandle
     index: int
@@ -154,7 +155,6 @@ class Scheduler:
         self._waiting: deque[_Sequence] = deque()  # admitted to the queue, no slot yet
         self._prefilling: deque[_Sequence] = deque()  # has a slot, prompt not fully computed
         self._decoding: list[_Sequence] = []
-        self._last_step_decoded = False
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -218,9 +218,9 @@ class Scheduler:
                             return
                         self._wake.wait()
                         continue
-                is_prefill, sequences, chunks = step
+                sequences, chunks = step
                 logits = self.runner.forward_batch(chunks)  # [len(chunks), vocab]
-                self._update(is_prefill, sequences, logits)
+                self._update(sequences, chunks, logits)
         except BaseException as error:  # the server reports it at /health and to every client
             self.error = error
             with self.lock:
@@ -230,7 +230,9 @@ class Scheduler:
                 self._waiting.clear()
                 self._prefilling.clear()
                 self._decoding.clear()
-            raise
+            if not isinstance(error, NumoeError):
+                raise  # a bug: let the thread print its traceback
+            # A known failure (e.g. a cluster worker died): /health and every client have it.
 
     def _drop_cancelled(self) -> None:
         for queue in (self._waiting, self._prefilling):
@@ -249,49 +251,54 @@ class Scheduler:
             self.stats.request_queue_time_seconds.append(now - seq.arrived_s)
             self._prefilling.append(seq)
 
-    def _schedule(self) -> tuple[bool, list[_Sequence], list[SequenceChunk]] | None:
-        """(is prefill, sequences, their chunks) of the next step, or None when idle. Decode
-        and prefill take turns while both have work."""
-        decode = bool(self._decoding) and not (self._prefilling and self._last_step_decoded)
-        if decode:
-            self._last_step_decoded = True
-            sequences = list(self._decoding)
-            return False, sequences, [SequenceChunk(s.slot, s.n_computed, (s.generated[-1],))
-                                      for s in sequences]
-        if self._prefilling:
-            self._last_step_decoded = False
-            seq = self._prefilling[0]
-            # Chunks start at multiples of the chunk size whatever else is running.
-            end = min(seq.n_computed + self.config.max_num_batched_tokens, len(seq.prompt))
-            return True, [seq], [SequenceChunk(seq.slot, seq.n_computed,
-                                               tuple(seq.prompt[seq.n_computed:end]))]
-        return None
+    def _schedule(self) -> tuple[list[_Sequence], list[SequenceChunk]] | None:
+        """(sequences, their chunks) of the next step, or None when idle: a decode step of
+        every decoding sequence, then prompt chunks while the token budget lasts."""
+        sequences = list(self._decoding)
+        chunks = [SequenceChunk(s.slot, s.n_computed, (s.generated[-1],)) for s in sequences]
+        budget = self.config.max_num_batched_tokens - len(chunks)
+        size = self.config.max_num_batched_tokens
+        for i, seq in enumerate(self._prefilling):
+            # Chunks end at multiples of the chunk size whatever else is running.
+            end = min((seq.n_computed // size + 1) * size, len(seq.prompt))
+            n_tokens = end - seq.n_computed
+            if i > 0 and n_tokens > budget:
+                break
+            sequences.append(seq)
+            chunks.append(SequenceChunk(seq.slot, seq.n_computed,
+                                        tuple(seq.prompt[seq.n_computed:end])))
+            budget -= n_tokens
+        return (sequences, chunks) if chunks else None
 
-    def _update(self, is_prefill: bool, sequences: list[_Sequence],
-                 logits: np.ndarray) -> None:
+    def _update(self, sequences: list[_Sequence], chunks: list[SequenceChunk],
+                logits: np.ndarray) -> None:
+        """Advance every sequence of the step; those whose prompt is done sample a token from
+        their row of logits [len(chunks), vocab]."""
         now = time.monotonic()
-        if is_prefill:
-            seq = sequences[0]
-            chunk_tokens = min(self.config.max_num_batched_tokens,
-                               len(seq.prompt) - seq.n_computed)
-            seq.n_computed += chunk_tokens
-            with self.lock:
-                self.stats.prompt_tokens_total += chunk_tokens
-                if seq.n_computed < len(seq.prompt):
-                    self._update_gauges()
-                    return
-                self._prefilling.popleft()
+        prompt_tokens = 0
+        sampling: list[tuple[_Sequence, np.ndarray]] = []  # decode steps, then done prompts
+        prompts_done: list[tuple[_Sequence, np.ndarray]] = []
+        for seq, chunk, row in zip(sequences, chunks, logits, strict=True):
+            prefill = seq.n_computed < len(seq.prompt)
+            seq.n_computed += len(chunk.token_ids)
+            if not prefill:
+                sampling.append((seq, row))
+            else:
+                prompt_tokens += len(chunk.token_ids)
+                if seq.n_computed == len(seq.prompt):
+                    prompts_done.append((seq, row))
+        with self.lock:
+            self.stats.prompt_tokens_total += prompt_tokens
+            for seq, row in prompts_done:
+                self._prefilling.remove(seq)
                 if seq.handle.cancelled:
                     self._finish(seq, "abort", emit=False)
-                    return
-            self._next_token(seq, logits[0], now)  # logits [1, vocab]
-        else:
-            for seq, row in zip(sequences, logits, strict=True):  # row [vocab]
-                seq.n_computed += 1
-                self._next_token(seq, row, now)
+                else:
+                    sampling.append((seq, row))
+        for seq, row in sampling:
+            self._next_token(seq, row, now)
         with self.lock:
-            if is_prefill and sequences[0].finish_reason is None:
-                self._decoding.append(sequences[0])
+            self._decoding += [s for s, _ in prompts_done if s.finish_reason is None]
             self._decoding = [s for s in self._decoding if s.finish_reason is None]
             self._update_gauges()
 

@@ -285,6 +285,11 @@ def create_app(state: ServerState) -> FastAPI:
         if scheduler is not None and not scheduler.alive:
             return JSONResponse(api.error_body(f"the engine thread died: {scheduler.error!r}",
                                                "service_unavailable"), 503)
+        unhealthy = getattr(scheduler.runner, "unhealthy", None) if scheduler else None
+        problem = await asyncio.to_thread(unhealthy) if unhealthy is not None else None
+        if problem is not None:
+            return JSONResponse(api.error_body(f"a cluster worker is down: {problem}",
+                                               "service_unavailable"), 503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/ready")

@@ -2,17 +2,17 @@
 
 A runner keeps `n_slots` independent KV caches. A call to `forward_batch` takes chunks, each a
 run of consecutive tokens of one sequence: a prefill chunk (several tokens) or a decode step
-(one token). A slot needs no explicit free: a chunk starting at position 0 overwrites its slot
-from the start (keys at later positions are never read, since a query at p sees keys [0, p]),
-which is how a finished sequence's slot is given to a new request.
+(one token), in any mix. A slot needs no explicit free: a chunk starting at position 0
+overwrites its slot from the start (keys at later positions are never read, since a query at
+p sees keys [0, p]), which is how a finished sequence's slot is given to a new request.
 
-Batch invariance: a sequence's logits must not depend on what else shares the call. The weight
+Batch invariance: a sequence's logits must not depend on what else shares the call. The plain
 products choose a kernel by token count (native/src/gemm.h: the float GEMM from 4-12 tokens,
-the per-row 8-bit vec_dot below), so a runner groups the chunks into passes:
-  - every decode step (one token) of the call in one pass, in which each row takes the
-    computation a lone decode step takes (Backend.*_rows: the per-row vec_dot path);
-  - every prefill chunk in a pass of its own, which is then exactly forward(ids, start).
-A scheduler that sends all-decode calls and lone prefill chunks gets one pass per call.
+the 8-bit vec_dot or row x token tiles below), so forward_batch runs every token row through
+the products a lone decode step takes (Backend.*_rows), prefill chunks included: each row's
+result depends on that row alone, attention runs per chunk on its own slot, and the LM head
+takes each chunk's last row. One pass per call, however decode steps and prompts mix.
+`forward(ids, start)` (generation, perplexity, benchmarks) keeps the prompt GEMM.
 """
 
 from __future__ import annotations
@@ -59,15 +59,6 @@ def check_chunks(chunks: Sequence[SequenceChunk], n_slots: int, n_ctx: int,
                                  f"outside the vocabulary [0, {vocab_size})")
 
 
-def batch_passes(chunks: Sequence[SequenceChunk]) -> list[list[int]]:
-    """Indices of `chunks` grouped into batch-invariant passes (see the module doc): all
-    decode steps together, then each prefill chunk alone, in call order."""
-    decode = [i for i, chunk in enumerate(chunks) if len(chunk.token_ids) == 1]
-    passes = [decode] if decode else []
-    passes += [[i] for i, chunk in enumerate(chunks) if len(chunk.token_ids) > 1]
-    return passes
-
-
 @dataclass(frozen=True)
 class Span:
     """One chunk of a ShardRunner.forward_batch call: rows [r0, r1) of the activations."""
@@ -79,19 +70,20 @@ class Span:
 
 
 def chunk_spans(slots: Sequence[int], starts: Sequence[int], lengths: Sequence[int],
-                n_tokens: int, n_slots: int, n_ctx: int, logits: str) -> list[Span]:
-    """The chunks of one pass as row ranges, checked (ValueError names the bad one): one chunk
-    of any length, or several one-token chunks (decode steps) of distinct slots."""
+                n_tokens: int, n_slots: int, n_ctx: int, logits: str, rows: bool) -> list[Span]:
+    """The chunks of one pass as row ranges, checked (ValueError names the bad one): with
+    rows (the batch-invariant products), chunks of any lengths of distinct slots; without,
+    one chunk."""
     if not len(slots) == len(starts) == len(lengths) >= 1:
         raise ValueError(f"forward_batch takes one slot, start and length per chunk, at least "
                          f"one chunk; got {len(slots)}, {len(starts)}, {len(lengths)}")
     if sum(lengths) != n_tokens:
         raise ValueError(f"the chunks' lengths sum to {sum(lengths)} but {n_tokens} tokens came")
-    if len(lengths) > 1 and any(n != 1 for n in lengths):
-        raise ValueError("a pass of several chunks must be decode steps (one token each); run "
-                         "each prefill chunk in a pass of its own (batch_passes)")
-    if len(lengths) > 1 and logits != "last":
-        raise ValueError("logits of every token need a pass of one chunk")
+    if len(lengths) > 1 and not rows:
+        raise ValueError("several chunks in one pass need the batch-invariant products "
+                         "(rows=True): the prompt GEMM would mix their tokens")
+    if logits != "last" and (rows or len(lengths) > 1):
+        raise ValueError("logits of every token need a pass of one chunk without rows")
     if len(set(slots)) != len(slots):
         raise ValueError(f"slots {list(slots)} repeat; one chunk per sequence per pass")
     spans = []

@@ -24,7 +24,7 @@ from cluster.placement import ModelSpec, Plan, PlanOptions, make_plan
 from cluster.protocol import ReduceSite
 from cluster.topology import Host, NumaNode, Topology
 from worker.backends.base import Backend, WeightData
-from worker.batch import SequenceChunk, batch_passes, check_chunks
+from worker.batch import SequenceChunk, check_chunks
 from worker.counters import WorkerCounters
 from worker.layers.attention import KVCache
 from worker.shard_runner import ShardRunner
@@ -89,14 +89,11 @@ class ModelRunner:
 
     def forward_batch(self, chunks: Sequence[SequenceChunk]) -> np.ndarray:
         """Logits of each chunk's last token, float32 [len(chunks), vocab], each row exactly
-        what that sequence gives run alone (see worker/batch.py for the passes a call makes).
-        A chunk starting at 0 reuses its slot for a new sequence."""
+        what that sequence gives in a call of its own (the batch-invariant products,
+        worker/batch.py). A chunk starting at 0 reuses its slot for a new sequence."""
         check_chunks(chunks, self.n_slots, self.n_ctx, self.config.vocab_size)
-        out = np.empty((len(chunks), self.config.vocab_size), np.float32)  # [n_chunks, vocab]
-        for indices in batch_passes(chunks):
-            part = [chunks[i] for i in indices]
-            ids = np.fromiter((t for c in part for t in c.token_ids), np.int64)  # [sum T]
-            out[indices] = self.shard.forward_batch(
-                [c.slot for c in part], [c.start for c in part],
-                [len(c.token_ids) for c in part], token_ids=ids)  # [len(part), vocab]
-        return out
+        ids = np.fromiter((t for c in chunks for t in c.token_ids), np.int64)  # [sum T]
+        out = self.shard.forward_batch([c.slot for c in chunks], [c.start for c in chunks],
+                                       [len(c.token_ids) for c in chunks], token_ids=ids,
+                                       rows=True)  # [n_chunks, vocab]
+        return np.asarray(out, dtype=np.float32)

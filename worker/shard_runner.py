@@ -195,19 +195,20 @@ class ShardRunner:
     def forward_batch(self, slots: Sequence[int], starts: Sequence[int],
                       lengths: Sequence[int], token_ids: np.ndarray | None = None,
                       hidden: np.ndarray | None = None,
-                      logits: Literal["last", "all"] = "last") -> np.ndarray:
+                      logits: Literal["last", "all"] = "last", rows: bool = False) -> np.ndarray:
         """Chunks i = (slots[i], starts[i], lengths[i]), their tokens back to back: token_ids
         [sum T] on the first stage, the previous stage's hidden [sum T, H] on the others.
-        One chunk of any length, or several of one token each (decode steps, computed
-        row by row batch-invariantly). Returns hidden [sum T, H] off the last stage; on it,
+        rows: any chunks, every token row computed as it would be alone (the batch-invariant
+        products of continuous batching, worker/batch.py); else one chunk, whose prompt
+        products may take the GEMM. Returns hidden [sum T, H] off the last stage; on it,
         this rank's logits of each chunk's last token [n_chunks, v1 - v0] ("last"), or of
-        every token [T, v1 - v0] ("all", one chunk only)."""
+        every token [T, v1 - v0] ("all", one chunk without rows)."""
         c = self.config
         backend = self.backend
         hidden = self._input(token_ids, hidden)  # [T, H]
         n_tokens = hidden.shape[0]
-        spans = chunk_spans(slots, starts, lengths, n_tokens, self.n_slots, self.n_ctx, logits)
-        rows = len(spans) > 1  # several decode steps: the batch-invariant products
+        spans = chunk_spans(slots, starts, lengths, n_tokens, self.n_slots, self.n_ctx, logits,
+                            rows)
         self.counters.forward_calls += 1
         self.counters.tokens += n_tokens
         self.counters.weight_bytes_read += self.fixed_bytes_per_forward
@@ -227,8 +228,8 @@ class ShardRunner:
 
         if not self.is_last:
             return hidden
-        if logits == "last" and not rows:
-            hidden = hidden[-1:]  # [1, H]: the LM head is the costliest product; skip the rest
+        if logits == "last":  # the LM head is the costliest product: each chunk's last token
+            hidden = hidden[[span.r1 - 1 for span in spans]]  # [n_chunks, H]
         if self.lm_head is None:
             return np.zeros((hidden.shape[0], 0), backend.dtype)  # no vocabulary rows here
         normed = backend.rms_norm(hidden, self.output_norm, c.norm_eps)  # [T or 1, H]

@@ -358,17 +358,17 @@ class NumaWorker:
             self._stopping = True
         elif isinstance(msg, Forward) and self.is_first_stage:
             self._step(msg.step_id, msg.positions, msg.sequence_ids, msg.all_logits,
-                       token_ids=msg.token_ids)
+                       msg.rows_alone, token_ids=msg.token_ids)
         elif isinstance(msg, Hidden) and not self.is_first_stage:
             self._step(msg.step_id, msg.positions, msg.sequence_ids, msg.all_logits,
-                       hidden=msg.hidden)
+                       msg.rows_alone, hidden=msg.hidden)
         else:
             self._report(getattr(msg, "step_id", -1),
                          f"worker {self.rank} (pipeline stage {self.me.stage}) received a "
                          f"{msg.TYPE.name} message, which it does not take")
 
     def _step(self, step_id: int, positions: np.ndarray, sequence_ids: np.ndarray,
-              all_logits: int, token_ids: np.ndarray | None = None,
+              all_logits: int, rows_alone: int, token_ids: np.ndarray | None = None,
               hidden: np.ndarray | BFloat16Array | None = None) -> None:
         started = time.perf_counter()
         try:
@@ -385,19 +385,19 @@ class NumaWorker:
                     raise NumoeError(f"token ids {bad[:5].tolist()} are outside the "
                                      f"vocabulary [0, {vocab})")
                 out = self._runner.forward_batch(slots, starts, lengths, token_ids=ids,
-                                                 logits=mode)
+                                                 logits=mode, rows=bool(rows_alone))
             else:
                 as_float = hidden.to_float32() if isinstance(hidden, BFloat16Array) else hidden
                 rows = np.array(as_float, dtype=np.float32)  # [T, H] ours, writable
                 out = self._runner.forward_batch(slots, starts, lengths, hidden=rows,
-                                                 logits=mode)
+                                                 logits=mode, rows=bool(rows_alone))
             out = np.ascontiguousarray(out, dtype=np.float32)
             if self.is_last_stage:
                 self._send(self._coordinator, Logits(step_id, self.rank, out,
                                                      vocab_start=self.me.vocab[0]))
             else:
                 msg = Hidden(step_id, self.rank, all_logits, np.asarray(positions),
-                             np.asarray(sequence_ids), out)
+                             np.asarray(sequence_ids), out, rows_alone=rows_alone)
                 for push in self._downstream:
                     self._send(push, msg)
         except Exception as error:  # every step failure goes to the coordinator

@@ -2,11 +2,13 @@
 together through forward_batch give bit-identical logits (and so the same tokens) at every
 step as each gives alone (issue 4).
 
-The reference is the same model run one sequence at a time through `forward` (slot 0 of its
-own runner): a prompt in one call, then one decode step per call. The batched run mixes
-sequences that arrive and finish at different steps, more sequences than slots (a finished
-sequence's slot goes to a new one, which overwrites it from position 0), and prompt lengths
-on both sides of the kernels' GEMM thresholds (4, 8 and 12 tokens: native/src/gemm.h).
+The reference is the same model run one sequence at a time through forward_batch (slot 0 of
+its own runner): a prompt in one call, then one decode step per call. The batched run mixes
+sequences that arrive and finish at different steps, prompts and decode steps in one call,
+more sequences than slots (a finished sequence's slot goes to a new one, which overwrites it
+from position 0), and prompt lengths on both sides of the kernels' GEMM thresholds (4, 8 and
+12 tokens: native/src/gemm.h), which forward_batch must not cross. Its prompts, computed row
+by row, also stay close to `forward`'s prompt GEMM.
 """
 
 from __future__ import annotations
@@ -34,8 +36,6 @@ N_SLOTS = 5  # fewer than the sequences: slots are reused
 
 class Runner(Protocol):
     n_slots: int
-
-    def forward(self, token_ids: list[int], start: int) -> np.ndarray: ...
 
     def forward_batch(self, chunks: Sequence[SequenceChunk]) -> np.ndarray: ...
 
@@ -68,10 +68,11 @@ def make_requests(n: int, vocab: int, seed: int = 0, per_tick: int = 2) -> list[
 def run_alone(runner: Runner, request: Request) -> list[np.ndarray]:
     """Logits [vocab] of the prompt's last token and of every greedy decode step, float32 as
     forward_batch returns them (the numpy backend computes in float64)."""
-    out = [np.float32(runner.forward(list(request.prompt), 0)[-1])]
+    out = [runner.forward_batch([SequenceChunk(0, 0, request.prompt)])[0]]
     position = len(request.prompt)
     for _ in range(request.n_decode):
-        out.append(np.float32(runner.forward([int(np.argmax(out[-1]))], position)[-1]))
+        step = SequenceChunk(0, position, (int(np.argmax(out[-1])),))
+        out.append(runner.forward_batch([step])[0])
         position += 1
     return out
 
@@ -162,6 +163,23 @@ def test_gemma3_batched_equals_alone(gemma3_path) -> None:  # noqa: ANN001
     with open_gguf(str(gemma3_path)) as gguf:
         check_model(gguf, lambda: CpuBackend(n_threads=2), n_requests=16, n_slots=14,
                     per_tick=6)
+
+
+def test_batched_prompts_stay_close_to_the_prompt_gemm(tiny_qwen3moe: TinyModel) -> None:
+    """forward_batch computes prompts row by row (8-bit activations for integer weights);
+    `forward` multiplies them in the float GEMM. Same model, same tokens: F32 weights agree
+    to float rounding, Q8_0 within the activation rounding, and the argmax is the same."""
+    for dtype, rtol in (("f32", 1e-4), ("q8_0", 0.05)):
+        with open_gguf(str(tiny_qwen3moe.gguf[dtype])) as gguf:
+            config, tensors = load_model_spec(gguf)
+            runner = ModelRunner(config, tensors, gguf, CpuBackend(n_threads=2), N_CTX,
+                                 n_slots=2)
+            prompt = tuple(range(3, 40))  # 37 tokens: the prompt GEMM for every type
+            gemm = runner.forward(list(prompt), 0)[-1]  # [vocab]
+            rows = runner.forward_batch([SequenceChunk(1, 0, prompt)])[0]  # [vocab]
+            error = np.max(np.abs(rows - gemm)) / np.max(np.abs(gemm))
+            assert 0 < error <= rtol, f"{dtype}: relative error {error}"
+            assert int(np.argmax(rows)) == int(np.argmax(gemm))
 
 
 def test_rows_alone_differs_from_plain_matmul() -> None:
