@@ -146,7 +146,7 @@ def cluster_runner_factory(
                                        bind_memory=options.bind_memory,
                                        reduce_transport=options.reduce_transport)
         return ClusterRunner(model_path, plan, n_ctx, topology=topology,
-                             options=worker_options, ray_session=session)
+                             options=worker_options, ray_session=session, progress=out)
 
     return make_runner
 

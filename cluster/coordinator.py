@@ -40,7 +40,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import numpy as np
 import zmq
@@ -73,11 +73,13 @@ class ClusterRunner:
     def __init__(self, model_path: str | Path, plan: Plan, n_ctx: int, *,
                  topology: Topology | None = None, options: WorkerOptions | None = None,
                  step_timeout_s: float = 600.0, startup_timeout_s: float = 600.0,
-                 ray_session: RaySession | None = None) -> None:
+                 ray_session: RaySession | None = None, progress: TextIO | None = None) -> None:
         """topology: where the plan's nodes came from, for each worker's real memory node
         (virtual nodes share one); None: the plan's node ids are real nodes. ray_session:
-        closed with the runner (the CLI's private Ray instance)."""
+        closed with the runner (the CLI's private Ray instance). progress: where loading
+        progress goes (None: nowhere)."""
         self.plan = plan
+        self._progress = progress
         self.topology = topology  # None when the plan's node ids are real nodes
         self.n_ctx = n_ctx
         self._ray_session = ray_session
@@ -177,9 +179,35 @@ class ClusterRunner:
             push.connect(self.wiring[w.rank]["inbox"])
             self._push[w.rank] = push
 
-        self.load_info = self._gather("load", {r: h.load.remote()
-                                               for r, h in self._handles.items()}, timeout_s)
+        self.load_info = self._load_all(timeout_s)
         self._serving = {h.serve.remote(): r for r, h in self._handles.items()}
+
+    def _load_all(self, timeout_s: float) -> dict[int, Any]:
+        """Every worker's load(), with a progress line as each finishes and every 10 s."""
+        import ray  # noqa: PLC0415
+
+        refs = {h.load.remote(): r for r, h in self._handles.items()}
+        total_gib = sum(w.weight_bytes for w in self.plan.workers) / 2**30
+        self._say(f"loading {total_gib:.2f} GiB of weights onto {len(refs)} workers")
+        started = time.monotonic()
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=10.0)
+            elapsed = time.monotonic() - started
+            for ref in done:
+                w = self.plan.workers[refs[ref]]
+                self._say(f"loaded {self._name(w.rank)}: {w.weight_bytes / 2**30:.2f} GiB "
+                          f"after {elapsed:.1f} s ({len(refs) - len(pending)}/{len(refs)})")
+            if not done:
+                self._say(f"still loading {len(pending)} of {len(refs)} workers after "
+                          f"{elapsed:.0f} s")
+            if elapsed > timeout_s:
+                break  # _gather names the late workers
+        return self._gather("load", {r: ref for ref, r in refs.items()}, timeout_s)
+
+    def _say(self, line: str) -> None:
+        if self._progress is not None:
+            print(f"numoe: {line}", file=self._progress, flush=True)
 
     def _upstream(self, worker: WorkerPlan) -> list[int]:
         """Ranks that send HIDDEN to `worker` (none on the first stage)."""
