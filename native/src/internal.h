@@ -70,8 +70,10 @@ void numoe_fill_table_avx512(numoe_kernel_table *t);
 void numoe_fill_kquants_scalar(numoe_kernel_table *t);
 void numoe_fill_kquants_avx2(numoe_kernel_table *t);
 void numoe_fill_kquants_avx512(numoe_kernel_table *t);
-/* Q8_0, Q4_0, Q5_0 vec_dot and their row x token tiles (qdot_avx512.c). */
+/* Q8_0, Q4_0, Q5_0 vec_dot and their row x token tiles (qdot_avx512.c); the same for Q4_K
+ * and Q6_K (ktile_avx512.c). */
 void numoe_fill_qdot_avx512(numoe_kernel_table *t);
+void numoe_fill_ktile_avx512(numoe_kernel_table *t);
 
 /* fp16 <-> fp32 in plain C (scalar reference; SIMD files use F16C). */
 float numoe_half_to_float(numoe_half h);

@@ -78,4 +78,5 @@ void numoe_fill_table_avx512(numoe_kernel_table *t) {
     t->vec_dot[NUMOE_TYPE_BF16] = vec_dot_bf16_avx512;
     numoe_fill_qdot_avx512(t);
     numoe_fill_kquants_avx512(t);
+    numoe_fill_ktile_avx512(t);
 }

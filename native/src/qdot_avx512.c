@@ -27,12 +27,13 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
 
+#include "tile_avx512.h"
+
 enum {
     LANES = 16,        /* weight rows per register: one per 32-bit lane */
     MAX_TOKENS = 64    /* tokens per tile call (numoe_tile_tokens hands over at most 64) */
 };
 
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 ALWAYS_INLINE int64_t block_bytes(int type) {
     return type == NUMOE_TYPE_Q8_0 ? (int64_t)sizeof(block_q8_0)
@@ -99,38 +100,12 @@ ALWAYS_INLINE void load_block_16(int type, const uint8_t *const *rows, __m512i t
     for (int k = 0; k < 8; k++)
         z[k] = _mm512_inserti64x4(_mm512_castsi256_si512(block_unsigned(type, rows[k])),
                                   block_unsigned(type, rows[k + 8]), 1);
-    /* The 8 x 8 dword transpose of AVX2 in each 256-bit half: rows 0-7 and rows 8-15. */
-    __m512i s[8], u[8];
-    for (int k = 0; k < 4; k++) {
-        s[2 * k] = _mm512_unpacklo_epi32(z[2 * k], z[2 * k + 1]);
-        s[2 * k + 1] = _mm512_unpackhi_epi32(z[2 * k], z[2 * k + 1]);
-    }
-    for (int k = 0; k < 2; k++) {
-        u[4 * k] = _mm512_unpacklo_epi64(s[4 * k], s[4 * k + 2]);
-        u[4 * k + 1] = _mm512_unpackhi_epi64(s[4 * k], s[4 * k + 2]);
-        u[4 * k + 2] = _mm512_unpacklo_epi64(s[4 * k + 1], s[4 * k + 3]);
-        u[4 * k + 3] = _mm512_unpackhi_epi64(s[4 * k + 1], s[4 * k + 3]);
-    }
-    /* u[c] (rows 0-3) and u[c + 4] (rows 4-7) hold column c in their even 128-bit lanes and
-     * column c + 4 in their odd ones (and the same for rows 8-15 in the upper half). */
-    const __m512i low = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
-    const __m512i high = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
-    for (int c = 0; c < 4; c++) {
-        t[c] = _mm512_permutex2var_epi64(u[c], low, u[c + 4]);
-        t[c + 4] = _mm512_permutex2var_epi64(u[c], high, u[c + 4]);
-    }
-}
-
-ALWAYS_INLINE __m512i broadcast_dword(const int8_t *p) {
-    int32_t v;
-    memcpy(&v, p, sizeof v);
-    return _mm512_set1_epi32(v);
+    numoe_transpose_16x8(z, t);
 }
 
 /* The fp16 scales d (the first field of every block type here) at base + offsets[r]. */
 ALWAYS_INLINE __m512 gather_scales(const uint8_t *base, __m512i offsets) {
-    const __m512i words = _mm512_i32gather_epi32(offsets, base, 1);
-    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words));
+    return numoe_gather_half_lo(base, offsets);
 }
 
 /* Up to 16 rows x up to MAX_TOKENS tokens: y[t * ldy + r]. Rows past n_rows repeat row 0;
@@ -155,8 +130,7 @@ static void tile_16(int type, int64_t n, const uint8_t *w, int64_t row_bytes, in
     const uint8_t *next = w + LANES * row_bytes;
     const int64_t slice = (LANES * row_bytes + nb - 1) / nb;
     for (int64_t b = 0; b < nb; b++) {
-        for (int64_t line = 0; line < slice; line += 64)
-            _mm_prefetch((const char *)next + b * slice + line, _MM_HINT_T0);
+        numoe_prefetch_span(next + b * slice, slice);
         __m512i t8[8];
         load_block_16(type, rows, t8);
         const __m512 scales = gather_scales(w + b * bytes, offsets);

@@ -1,0 +1,278 @@
+/* AVX-512 VNNI row x token tiles for Q4_K and Q6_K, and the per-pair vec_dot they reproduce.
+ *
+ * As in qdot_avx512.c (read that first), 16 weight rows share a vector, one per lane, and
+ * each pair's result is one fixed float sequence over exact integer dot products:
+ *   Q4_K, per super-block, sub-block j = 0..7 (32 values, activation block j):
+ *       acc = fma((d * sc_j) * d_a, (float)(q . a), acc)
+ *       acc = fma(-((dmin * m_j) * d_a), (float)sum(a), acc)
+ *   Q6_K, per super-block, activation block b = 0..7, its groups k = 2b, 2b + 1 (16 values):
+ *       acc = fma((d * sc_k) * d_a, (float)(q . a - 32 * sum(a over the group)), acc)
+ * with q the unsigned codes (Q4_K 0..15, Q6_K 0..63). vec_dot computes it with plain fmaf;
+ * the tile unpacks a super-block of 16 rows once, transposed so that vector c of block j
+ * holds codes 4c..4c+3 of every row, then runs 8 dpbusd per block for each token.
+ * Q5_K keeps kquants_avx512.c's vec_dot and no tile. */
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#include "internal.h"
+#include "numoe.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
+
+#include "tile_avx512.h"
+
+enum {
+    LANES = 16,       /* weight rows per tile */
+    MAX_TOKENS = 64,  /* tokens per tile call */
+    BLOCKS = 8        /* 32-value activation blocks per super-block */
+};
+
+/* --- the per-pair definition ------------------------------------------------------------ */
+
+/* Exact sum of codes[l] * a[l] for l in [l0, l0 + n). */
+ALWAYS_INLINE int32_t code_dot(const uint8_t *codes, const int8_t *a, int l0, int n) {
+    int32_t sum = 0;
+    for (int l = l0; l < l0 + n; l++) sum += codes[l] * a[l];
+    return sum;
+}
+
+/* Sub-block j's 6-bit scale and min (ggml's get_scale_min_k4). */
+ALWAYS_INLINE void scale_min(const uint8_t *packed, int j, int *sc, int *m) {
+    if (j < 4) {
+        *sc = packed[j] & 63;
+        *m = packed[j + 4] & 63;
+    } else {
+        *sc = (packed[j + 4] & 0xF) | ((packed[j - 4] >> 6) << 4);
+        *m = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
+    }
+}
+
+static float vec_dot_q4_K(int64_t n, const void *w_row, const void *act) {
+    const block_q4_K *blocks = w_row;
+    const block_q8a *a = act;
+    float acc = 0.0f;
+    for (int64_t i = 0; i < n / QK_K; i++, a += BLOCKS) {
+        const block_q4_K *b = &blocks[i];
+        const float d = _cvtsh_ss(b->d), dmin = _cvtsh_ss(b->dmin);
+        for (int j = 0; j < BLOCKS; j++) {
+            uint8_t codes[32];
+            const uint8_t *qs = b->qs + 32 * (j / 2);
+            for (int l = 0; l < 32; l++) codes[l] = j % 2 ? qs[l] >> 4 : qs[l] & 0xF;
+            int sc, m;
+            scale_min(b->scales, j, &sc, &m);
+            const float sum_a = (float)(a[j].bsums[0] + a[j].bsums[1]);
+            acc = fmaf((d * (float)sc) * a[j].d, (float)code_dot(codes, a[j].qs, 0, 32), acc);
+            acc = fmaf(-((dmin * (float)m) * a[j].d), sum_a, acc);
+        }
+    }
+    return acc;
+}
+
+/* The 6-bit codes of activation block r (0..7) of a Q6_K super-block (ggml's layout: half
+ * h = r / 4 of 128 values; r % 4 picks the low or high nibble of ql[0..31] or ql[32..63]
+ * and two bits of qh). */
+ALWAYS_INLINE void q6_codes(const block_q6_K *b, int r, uint8_t codes[32]) {
+    const uint8_t *ql = b->ql + 64 * (r / 4) + 32 * (r % 2);
+    const uint8_t *qh = b->qh + 32 * (r / 4);
+    const int nibble_shift = r % 4 >= 2 ? 4 : 0, high_shift = 2 * (r % 4);
+    for (int l = 0; l < 32; l++)
+        codes[l] = (uint8_t)(((ql[l] >> nibble_shift) & 0xF) | (((qh[l] >> high_shift) & 3) << 4));
+}
+
+static float vec_dot_q6_K(int64_t n, const void *w_row, const void *act) {
+    const block_q6_K *blocks = w_row;
+    const block_q8a *a = act;
+    float acc = 0.0f;
+    for (int64_t i = 0; i < n / QK_K; i++, a += BLOCKS) {
+        const block_q6_K *b = &blocks[i];
+        const float d = _cvtsh_ss(b->d);
+        for (int r = 0; r < BLOCKS; r++) {
+            uint8_t codes[32];
+            q6_codes(b, r, codes);
+            for (int g = 0; g < 2; g++) {
+                const int32_t dot = code_dot(codes, a[r].qs, 16 * g, 16) - 32 * a[r].bsums[g];
+                acc = fmaf((d * (float)b->scales[2 * r + g]) * a[r].d, (float)dot, acc);
+            }
+        }
+    }
+    return acc;
+}
+
+/* --- tiles -------------------------------------------------------------------------------- */
+
+typedef struct {
+    __m512i codes[BLOCKS][8];  /* [block][c] lane r: codes 4c..4c+3 of row r */
+    __m512 scale[2 * BLOCKS];  /* Q4_K: d * sc_j (j < 8); Q6_K: d * sc_k (k < 16) */
+    __m512 min[BLOCKS];        /* Q4_K: dmin * m_j */
+} super_block_16;
+
+/* Byte k (0..3) of every lane, shifted right by `shift` more bits, masked. */
+ALWAYS_INLINE __m512i lane_bits(__m512i words, int byte, int shift, int mask) {
+    return _mm512_and_si512(_mm512_srli_epi32(words, 8 * byte + shift), _mm512_set1_epi32(mask));
+}
+
+static void unpack_q4_K(const uint8_t *const *rows, const uint8_t *base, __m512i offsets,
+                        super_block_16 *sb) {
+    const __m512i d_dmin = _mm512_i32gather_epi32(offsets, base, 1);
+    const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d_dmin));
+    const __m512 dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(d_dmin, 16)));
+    const __m512i w1 = _mm512_i32gather_epi32(offsets, base + 4, 1);   /* scale bytes 0-3 */
+    const __m512i w2 = _mm512_i32gather_epi32(offsets, base + 8, 1);   /* 4-7 */
+    const __m512i w3 = _mm512_i32gather_epi32(offsets, base + 12, 1);  /* 8-11 */
+    for (int j = 0; j < 4; j++) {
+        const __m512i sc = lane_bits(w1, j, 0, 63), m = lane_bits(w2, j, 0, 63);
+        const __m512i sc_hi = _mm512_or_si512(lane_bits(w3, j, 0, 15),
+                                              _mm512_slli_epi32(lane_bits(w1, j, 6, 3), 4));
+        const __m512i m_hi = _mm512_or_si512(lane_bits(w3, j, 4, 15),
+                                             _mm512_slli_epi32(lane_bits(w2, j, 6, 3), 4));
+        sb->scale[j] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+        sb->min[j] = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(m));
+        sb->scale[j + 4] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc_hi));
+        sb->min[j + 4] = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(m_hi));
+    }
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    for (int p = 0; p < 4; p++) {  /* qs[32p..32p+31]: sub-block 2p low nibbles, 2p+1 high */
+        __m512i t[8];
+        numoe_load_transposed(rows, (int64_t)offsetof(block_q4_K, qs) + 32 * p, t);
+        for (int c = 0; c < 8; c++) {
+            sb->codes[2 * p][c] = _mm512_and_si512(t[c], nibble);
+            sb->codes[2 * p + 1][c] = _mm512_and_si512(_mm512_srli_epi16(t[c], 4), nibble);
+        }
+    }
+}
+
+static void unpack_q6_K(const uint8_t *const *rows, const uint8_t *base, __m512i offsets,
+                        super_block_16 *sb) {
+    /* d sits in the last 2 bytes: read the dword ending there, not one past the block. */
+    const __m512i d_word = _mm512_i32gather_epi32(offsets, base + offsetof(block_q6_K, d) - 2, 1);
+    const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(d_word, 16)));
+    for (int w = 0; w < 4; w++) {  /* int8 scales 4w..4w+3 */
+        const __m512i word = _mm512_i32gather_epi32(
+            offsets, base + offsetof(block_q6_K, scales) + 4 * w, 1);
+        for (int k = 0; k < 4; k++) {
+            const __m512i sc = _mm512_srai_epi32(_mm512_slli_epi32(word, 24 - 8 * k), 24);
+            sb->scale[4 * w + k] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+        }
+    }
+    const __m512i nibble = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
+    for (int h = 0; h < 2; h++) {
+        __m512i lo[8], hi[8], top[8];  /* ql[64h..+31], ql[64h+32..+63], qh[32h..+31] */
+        numoe_load_transposed(rows, (int64_t)offsetof(block_q6_K, ql) + 64 * h, lo);
+        numoe_load_transposed(rows, (int64_t)offsetof(block_q6_K, ql) + 64 * h + 32, hi);
+        numoe_load_transposed(rows, (int64_t)offsetof(block_q6_K, qh) + 32 * h, top);
+        for (int c = 0; c < 8; c++) {
+            /* 16-bit shifts: the masks drop the bits that cross from the neighbour byte. */
+            const __m512i q[4] = {
+                _mm512_or_si512(_mm512_and_si512(lo[c], nibble),
+                                _mm512_and_si512(_mm512_slli_epi16(top[c], 4), bits45)),
+                _mm512_or_si512(_mm512_and_si512(hi[c], nibble),
+                                _mm512_and_si512(_mm512_slli_epi16(top[c], 2), bits45)),
+                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lo[c], 4), nibble),
+                                _mm512_and_si512(top[c], bits45)),
+                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(hi[c], 4), nibble),
+                                _mm512_and_si512(_mm512_srli_epi16(top[c], 2), bits45)),
+            };
+            for (int r = 0; r < 4; r++) sb->codes[4 * h + r][c] = q[r];
+        }
+    }
+}
+
+/* Exact code . a over dwords [c0, c0 + 4) of block j, for the 16 rows, from `start`. */
+ALWAYS_INLINE __m512i codes_dot4(const super_block_16 *sb, int j, int c0, const int8_t *qs,
+                                 __m512i start) {
+    __m512i even = start, odd = _mm512_setzero_si512();
+    for (int c = c0; c < c0 + 4; c += 2) {
+        even = _mm512_dpbusd_epi32(even, sb->codes[j][c], broadcast_dword(qs + 4 * c));
+        odd = _mm512_dpbusd_epi32(odd, sb->codes[j][c + 1], broadcast_dword(qs + 4 * c + 4));
+    }
+    return _mm512_add_epi32(even, odd);
+}
+
+ALWAYS_INLINE __m512 token_q4_K(const super_block_16 *sb, const block_q8a *a, __m512 acc) {
+    for (int j = 0; j < BLOCKS; j++) {
+        const __m512i dot = _mm512_add_epi32(
+            codes_dot4(sb, j, 0, a[j].qs, _mm512_setzero_si512()),
+            codes_dot4(sb, j, 4, a[j].qs, _mm512_setzero_si512()));
+        const __m512 d_a = _mm512_set1_ps(a[j].d);
+        const __m512 sum_a = _mm512_set1_ps((float)(a[j].bsums[0] + a[j].bsums[1]));
+        acc = _mm512_fmadd_ps(_mm512_mul_ps(sb->scale[j], d_a), _mm512_cvtepi32_ps(dot), acc);
+        acc = _mm512_fnmadd_ps(_mm512_mul_ps(sb->min[j], d_a), sum_a, acc);
+    }
+    return acc;
+}
+
+ALWAYS_INLINE __m512 token_q6_K(const super_block_16 *sb, const block_q8a *a, __m512 acc) {
+    for (int r = 0; r < BLOCKS; r++) {
+        const __m512 d_a = _mm512_set1_ps(a[r].d);
+        for (int g = 0; g < 2; g++) {
+            const __m512i dot = codes_dot4(sb, r, 4 * g, a[r].qs,
+                                           _mm512_set1_epi32(-32 * a[r].bsums[g]));
+            acc = _mm512_fmadd_ps(_mm512_mul_ps(sb->scale[2 * r + g], d_a),
+                                  _mm512_cvtepi32_ps(dot), acc);
+        }
+    }
+    return acc;
+}
+
+/* Up to 16 rows x up to MAX_TOKENS tokens: y[t * ldy + r]. Rows past n_rows repeat row 0;
+ * their lanes are computed and dropped. */
+ALWAYS_INLINE void tile_16(int type, int64_t n, const uint8_t *w, int64_t row_bytes,
+                           int64_t n_rows, const void *const *acts, int64_t n_tokens, float *y,
+                           int64_t ldy) {
+    const int64_t bytes = type == NUMOE_TYPE_Q4_K ? (int64_t)sizeof(block_q4_K)
+                                                  : (int64_t)sizeof(block_q6_K);
+    const uint8_t *rows[LANES];
+    int32_t row_offsets[LANES];
+    for (int r = 0; r < LANES; r++) {
+        row_offsets[r] = (int32_t)((r < n_rows ? r : 0) * row_bytes);
+        rows[r] = w + row_offsets[r];
+    }
+    const __m512i offsets = _mm512_loadu_si512(row_offsets);
+    __m512 acc[MAX_TOKENS];
+    for (int64_t t = 0; t < n_tokens; t++) acc[t] = _mm512_setzero_ps();
+    const int64_t nb = n / QK_K;
+    const uint8_t *next = w + LANES * row_bytes;
+    const int64_t slice = (LANES * row_bytes + nb - 1) / nb;
+    super_block_16 sb;
+    for (int64_t i = 0; i < nb; i++) {
+        numoe_prefetch_span(next + i * slice, slice);
+        if (type == NUMOE_TYPE_Q4_K) unpack_q4_K(rows, w + i * bytes, offsets, &sb);
+        else unpack_q6_K(rows, w + i * bytes, offsets, &sb);
+        for (int r = 0; r < LANES; r++) rows[r] += bytes;
+        for (int64_t t = 0; t < n_tokens; t++) {
+            const block_q8a *a = (const block_q8a *)acts[t] + i * BLOCKS;
+            acc[t] = type == NUMOE_TYPE_Q4_K ? token_q4_K(&sb, a, acc[t])
+                                             : token_q6_K(&sb, a, acc[t]);
+        }
+    }
+    const __mmask16 valid = (__mmask16)((1u << n_rows) - 1);
+    for (int64_t t = 0; t < n_tokens; t++) _mm512_mask_storeu_ps(y + t * ldy, valid, acc[t]);
+}
+
+#define DEFINE_KTILE(suffix, type)                                                             \
+    static void vec_dot_tile_##suffix(int64_t n, const void *w, int64_t row_bytes,              \
+                                      int64_t n_rows, const void *const *acts,                 \
+                                      int64_t n_tokens, float *y, int64_t ldy) {               \
+        for (int64_t r = 0; r < n_rows; r += LANES) {                                          \
+            const int64_t rows = n_rows - r < LANES ? n_rows - r : LANES;                      \
+            for (int64_t t = 0; t < n_tokens; t += MAX_TOKENS) {                               \
+                const int64_t tokens = n_tokens - t < MAX_TOKENS ? n_tokens - t : MAX_TOKENS;  \
+                tile_16(type, n, (const uint8_t *)w + r * row_bytes, row_bytes, rows,          \
+                        acts + t, tokens, y + t * ldy + r, ldy);                               \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+DEFINE_KTILE(q4_K, NUMOE_TYPE_Q4_K)
+DEFINE_KTILE(q6_K, NUMOE_TYPE_Q6_K)
+
+#pragma GCC pop_options
+
+void numoe_fill_ktile_avx512(numoe_kernel_table *t) {
+    t->vec_dot[NUMOE_TYPE_Q4_K] = vec_dot_q4_K;
+    t->vec_dot_tile[NUMOE_TYPE_Q4_K] = vec_dot_tile_q4_K;
+    t->vec_dot[NUMOE_TYPE_Q6_K] = vec_dot_q6_K;
+    t->vec_dot_tile[NUMOE_TYPE_Q6_K] = vec_dot_tile_q6_K;
+}
