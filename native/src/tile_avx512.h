@@ -62,7 +62,7 @@ ALWAYS_INLINE __m512 numoe_gather_half_lo(const uint8_t *base, __m512i offsets) 
  * per block, so the next tile finds it in cache. */
 ALWAYS_INLINE void numoe_prefetch_span(const uint8_t *start, int64_t bytes) {
     for (int64_t line = 0; line < bytes; line += 64)
-        _mm_prefetch((const char *)start + line, _MM_HINT_T0);
+        _mm_prefetch((const char *)start + line, _MM_HINT_T1);
 }
 
 #endif
