@@ -14,10 +14,15 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from cluster.cluster_cli import add_cluster_arguments
 from cluster.errors import NumoeError
 from cluster.perplexity import add_perplexity_parser
 from cluster.plot import add_plot_parser
+from cluster.run_args import (
+    add_compute_arguments,
+    add_model_arguments,
+    check_model_and_threads,
+    run_target,
+)
 from cluster.serve_cli import add_serve_parser
 from cluster.sweep_bench import add_bench_parser
 
@@ -33,13 +38,6 @@ DEFAULT_MIN_P = 0.05
 DEFAULT_REPEAT_PENALTY = 1.0
 
 
-def _default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="numoe", description="NUMA-aware inference for Mixture-of-Experts models in GGUF"
@@ -50,17 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate text from a prompt, streamed to stdout",
         description="Generate text from a prompt. Timings go to stderr.",
     )
-    generate.add_argument(
-        "model", nargs="?", default=None,
-        help="GGUF model file (default: the embedded Gemma 3 270M Q4_K_M)",
-    )
-    generate.add_argument("-m", "--model", dest="model_flag", default=None,
-                          help="GGUF model file (same as the positional MODEL)")
+    add_model_arguments(generate)
     generate.add_argument("-p", "--prompt", required=True, help="prompt text")
     generate.add_argument("-n", "--n-predict", type=int, default=64,
                           help="tokens to generate at most (default: %(default)s)")
-    generate.add_argument("-t", "--threads", type=int, default=None,
-                          help="compute threads (default: the CPUs this process may use)")
     generate.add_argument("-c", "--ctx-size", type=int, default=None,
                           help="context size in tokens (default: min(4096, the model's))")
     generate.add_argument("--temp", type=float, default=DEFAULT_TEMPERATURE,
@@ -76,11 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default: %(default)s)")
     generate.add_argument("--seed", type=int, default=-1,
                           help="sampling seed, -1 = random (default: %(default)s)")
-    generate.add_argument("--backend", choices=("cpu", "numpy"), default="cpu",
-                          help="compute backend (default: %(default)s)")
-    generate.add_argument("--isa", choices=("scalar", "avx2", "avx512"), default=None,
-                          help="force a kernel instruction set (default: the best available)")
-    add_cluster_arguments(generate)
+    add_compute_arguments(generate)
     generate.set_defaults(handler=_run_generate)
 
     topology = commands.add_parser(
@@ -268,35 +255,20 @@ def _run_topology(args: argparse.Namespace) -> int:
 
 def _run_generate(args: argparse.Namespace) -> int:
     # Imported here so `numoe --help` stays instant.
-    from cluster.cluster_cli import (  # noqa: PLC0415
-        cluster_options_from_args,
-        cluster_runner_factory,
-    )
     from cluster.engine import DEFAULT_CTX, Engine  # noqa: PLC0415
     from cluster.sampling import SamplingParams  # noqa: PLC0415
 
-    if args.model and args.model_flag and args.model != args.model_flag:
-        raise NumoeError("two different models given (MODEL and -m); pass only one")
-    if args.threads is not None and args.threads <= 0:
-        raise NumoeError(f"-t/--threads {args.threads} must be a positive number of threads")
+    check_model_and_threads(args)
     if args.n_predict < 0:
         raise NumoeError(f"-n/--n-predict {args.n_predict} must be >= 0")
-    cluster = cluster_options_from_args(args)  # None: no cluster flag, run in this process
-    runner_factory = None if cluster is None else cluster_runner_factory(
-        cluster, backend=args.backend, isa=args.isa)
-    model_path = args.model or args.model_flag
-    if model_path is None:
-        from cluster.default_model import default_model_path  # noqa: PLC0415
-
-        model_path = default_model_path(progress=True)
+    target = run_target(args)
     sampling = SamplingParams(
         temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repetition_penalty=args.repeat_penalty, seed=None if args.seed < 0 else args.seed,
     )
-    threads = args.threads if args.threads is not None else _default_threads()
-    with Engine(model_path, backend=args.backend, n_threads=threads,
-                n_ctx=args.ctx_size or DEFAULT_CTX, isa=args.isa,
-                runner_factory=runner_factory) as engine:
+    with Engine(target.model_path, backend=target.backend, n_threads=target.threads,
+                n_ctx=args.ctx_size or DEFAULT_CTX, isa=target.isa,
+                runner_factory=target.runner_factory) as engine:
         generation = engine.generate(args.prompt, max_tokens=args.n_predict, sampling=sampling)
         for piece in generation:
             sys.stdout.write(piece)
@@ -304,9 +276,9 @@ def _run_generate(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         stats = generation.stats
-        where = (f"{threads} threads" if cluster is None else
+        where = (f"{target.threads} threads" if target.cluster is None else
                  f"{len(engine.runner.plan.workers)} workers")
-        _print_timings(engine.load_seconds, stats, where, args.backend)
+        _print_timings(engine.load_seconds, stats, where, target.backend)
     return 0
 
 

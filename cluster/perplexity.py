@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -31,8 +30,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cluster.cluster_cli import add_cluster_arguments
 from cluster.errors import NumoeError
+from cluster.run_args import (
+    RunTarget,
+    add_compute_arguments,
+    add_model_arguments,
+    check_model_and_threads,
+    run_target,
+)
 
 if TYPE_CHECKING:
     from cluster.engine import Engine, Runner
@@ -135,10 +140,12 @@ def run_perplexity(args: argparse.Namespace) -> int:
         summary,
     )
 
-    model_path, save_path, base_path = _check_args(args)
+    save_path, base_path = _check_args(args)
     compare = args.kl_divergence
     base = read_log_probs(base_path) if compare else None  # checked before the model loads
-    engine = _open_engine(args, model_path, base[0].n_ctx if base else args.ctx_size)
+    target = run_target(args)
+    model_path = target.model_path
+    engine = _open_engine(target, base[0].n_ctx if base else args.ctx_size)
     err = sys.stderr
     out = sys.stderr if args.json else sys.stdout  # --json: stdout holds only the JSON
     writer: LogProbWriter | None = None
@@ -157,7 +164,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
         if save_path is not None:
             writer = LogProbWriter(save_path, LogProbHeader(
                 n_ctx=n_ctx, n_vocab=vocab, n_chunk=n_chunk, first=first,
-                model=Path(model_path).name), tokens)
+                model=model_path.name), tokens)
             print(f"numoe: saving log-probabilities to {save_path} "
                   f"({4 * vocab * (n_ctx - 1 - first) * n_chunk / 2**20:.0f} MiB)", file=err)
         print(f"numoe: calculating perplexity over {n_chunk} chunks, n_ctx={n_ctx}, "
@@ -241,12 +248,9 @@ def _text_chunks(args: argparse.Namespace, engine: Engine) -> np.ndarray:
     return ids[:n_chunk * n_ctx].reshape(n_chunk, n_ctx)
 
 
-def _check_args(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
-    """(model path, file to save log-probs to, base file to compare with); flag errors."""
-    if args.model and args.model_flag and args.model != args.model_flag:
-        raise NumoeError("two different models given (MODEL and -m); pass only one")
-    if args.threads is not None and args.threads <= 0:
-        raise NumoeError(f"-t/--threads {args.threads} must be a positive number of threads")
+def _check_args(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(file to save log-probs to, base file to compare with); flag errors."""
+    check_model_and_threads(args)
     if args.batch_size < 1:
         raise NumoeError(f"-b/--batch-size {args.batch_size} must be at least 1 token")
     if args.chunks is not None and args.chunks < 1:
@@ -271,28 +275,16 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
         if save is not None and save != base:
             raise NumoeError("--save-logits and --kl-divergence-base name two files; give one")
         save = base
-    model = args.model or args.model_flag
-    if model is None:
-        from cluster.default_model import default_model_path  # noqa: PLC0415
-
-        model = str(default_model_path(progress=True))
-    return model, save, base if args.kl_divergence else None
+    return save, base if args.kl_divergence else None
 
 
-def _open_engine(args: argparse.Namespace, model_path: str, n_ctx: int | None) -> Engine:
-    from cluster.cluster_cli import (  # noqa: PLC0415
-        cluster_options_from_args,
-        cluster_runner_factory,
-    )
+def _open_engine(target: RunTarget, n_ctx: int | None) -> Engine:
     from cluster.engine import Engine  # noqa: PLC0415
 
-    cluster = cluster_options_from_args(args)  # None: run in this process
-    factory = None if cluster is None else cluster_runner_factory(
-        cluster, backend=args.backend, isa=args.isa)
-    threads = args.threads if args.threads is not None else len(os.sched_getaffinity(0))
     # The KV cache needs one chunk; an odd or tiny -c is refused later with a clearer message.
-    return Engine(model_path, backend=args.backend, n_threads=threads,
-                  n_ctx=max(n_ctx or DEFAULT_CTX, 1), isa=args.isa, runner_factory=factory)
+    return Engine(target.model_path, backend=target.backend, n_threads=target.threads,
+                  n_ctx=max(n_ctx or DEFAULT_CTX, 1), isa=target.isa,
+                  runner_factory=target.runner_factory)
 
 
 def add_perplexity_parser(commands: argparse._SubParsersAction) -> None:
@@ -302,10 +294,7 @@ def add_perplexity_parser(commands: argparse._SubParsersAction) -> None:
         description="llama-perplexity's method: chunks of -c tokens, each scored on its second "
                     "half. Results on stdout, progress on stderr.",
     )
-    parser.add_argument("model", nargs="?", default=None,
-                        help="GGUF model file (default: the embedded Gemma 3 270M Q4_K_M)")
-    parser.add_argument("-m", "--model", dest="model_flag", default=None,
-                        help="GGUF model file (same as the positional MODEL)")
+    add_model_arguments(parser)
     parser.add_argument("-f", "--file", default=None, metavar="FILE",
                         help="UTF-8 text to evaluate (default: the shipped corpus, the King "
                              "James Bible)")
@@ -316,8 +305,6 @@ def add_perplexity_parser(commands: argparse._SubParsersAction) -> None:
                         help="tokens per forward call within a chunk (default: %(default)s)")
     parser.add_argument("--chunks", type=int, default=None, metavar="N",
                         help="evaluate the first N chunks only (default: all)")
-    parser.add_argument("-t", "--threads", type=int, default=None,
-                        help="compute threads (default: the CPUs this process may use)")
     parser.add_argument("--save-logits", default=None, metavar="FILE",
                         help="save the log-probabilities of every scored token (float32, whole "
                              "vocabulary) as a KLD base")
@@ -329,9 +316,5 @@ def add_perplexity_parser(commands: argparse._SubParsersAction) -> None:
                              "top-token agreement")
     parser.add_argument("--json", action="store_true",
                         help="print the results as JSON on stdout (the table goes to stderr)")
-    parser.add_argument("--backend", choices=("cpu", "numpy"), default="cpu",
-                        help="compute backend (default: %(default)s)")
-    parser.add_argument("--isa", choices=("scalar", "avx2", "avx512"), default=None,
-                        help="force a kernel instruction set (default: the best available)")
-    add_cluster_arguments(parser)
+    add_compute_arguments(parser)
     parser.set_defaults(handler=run_perplexity)

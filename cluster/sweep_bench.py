@@ -22,15 +22,20 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TextIO
 
-from cluster.cluster_cli import add_cluster_arguments
 from cluster.errors import NumoeError
+from cluster.run_args import (
+    RunTarget,
+    add_compute_arguments,
+    add_model_arguments,
+    check_model_and_threads,
+    run_target,
+)
 from cluster.sweep_results import TABLE_HEADER, TABLE_SEPARATOR, SweepResult, SweepRow
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from cluster.cluster_cli import ClusterOptions
-    from cluster.engine import Engine, Runner, RunnerFactory
+    from cluster.engine import Engine, Runner
 
 DEFAULT_CTX = 2048
 DEFAULT_UBATCH = 512
@@ -43,10 +48,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
         description="Prompt (PP) and decode (TG) speed at KV depths 0, ub, 2 ub, ... up to "
                     "the context size, as ik_llama.cpp's llama-sweep-bench measures them.",
     )
-    bench.add_argument("model", nargs="?", default=None,
-                       help="GGUF model file (default: the embedded Gemma 3 270M Q4_K_M)")
-    bench.add_argument("-m", "--model", dest="model_flag", default=None,
-                       help="GGUF model file (same as the positional MODEL)")
+    add_model_arguments(bench)
     bench.add_argument("-c", "--ctx-size", type=int, default=DEFAULT_CTX,
                        help="context to fill, in tokens (default: %(default)s)")
     bench.add_argument("-ub", "--ubatch-size", type=int, default=DEFAULT_UBATCH,
@@ -56,9 +58,6 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
                        help="most tokens in one forward pass (default: %(default)s)")
     bench.add_argument("-n", "--n-predict", "--tg", dest="tg", type=int, default=None,
                        help="decode steps per step (default: ubatch-size / 4)")
-    bench.add_argument("-t", "--threads", type=int, default=None,
-                       help="compute threads, per worker on a cluster (default: the CPUs "
-                            "this process may use; a worker's node CPUs)")
     bench.add_argument("--no-warmup", dest="warmup", action="store_false",
                        help="skip the one-token warm-up pass")
     bench.add_argument("-wb", "--warmup-batch", action="store_true",
@@ -70,11 +69,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
                             "then goes to stderr); `numoe plot sweep` reads it")
     bench.add_argument("--label", default="",
                        help="legend text for `numoe plot sweep` (default: the engine name)")
-    bench.add_argument("--backend", choices=("cpu", "numpy"), default="cpu",
-                       help="compute backend (default: %(default)s)")
-    bench.add_argument("--isa", choices=("scalar", "avx2", "avx512"), default=None,
-                       help="force a kernel instruction set (default: the best available)")
-    add_cluster_arguments(bench)
+    add_compute_arguments(bench)
     bench.set_defaults(handler=run_bench)
 
 
@@ -85,27 +80,12 @@ def _check_sizes(args: argparse.Namespace) -> None:
             raise NumoeError(f"{flag} {value} must be a positive number of tokens")
     if args.tg is not None and args.tg < 1:
         raise NumoeError(f"-n/--tg {args.tg} must be a positive number of decode steps")
-    if args.threads is not None and args.threads < 1:
-        raise NumoeError(f"-t/--threads {args.threads} must be a positive number of threads")
-    if args.model and args.model_flag and args.model != args.model_flag:
-        raise NumoeError("two different models given (MODEL and -m); pass only one")
+    check_model_and_threads(args)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from cluster.cluster_cli import (  # noqa: PLC0415
-        cluster_options_from_args,
-        cluster_runner_factory,
-    )
     _check_sizes(args)
-    cluster = cluster_options_from_args(args)  # None: no cluster flag, run in this process
-    runner_factory = None if cluster is None else cluster_runner_factory(
-        cluster, backend=args.backend, isa=args.isa)
-    model_path = args.model or args.model_flag
-    if model_path is None:
-        from cluster.default_model import default_model_path  # noqa: PLC0415
-
-        model_path = default_model_path(progress=True)
-    threads = args.threads if args.threads is not None else _default_threads()
+    target = run_target(args)
     table_out = sys.stderr if args.json_file == "-" else sys.stdout
     json_out = None
     if args.json_file and args.json_file != "-":
@@ -115,7 +95,7 @@ def run_bench(args: argparse.Namespace) -> int:
             raise NumoeError(f"cannot write --json {args.json_file}: {error.strerror}") \
                 from error
     try:
-        result = _sweep(args, model_path, threads, cluster, runner_factory, table_out)
+        result = _sweep(args, target, table_out)
     except BaseException:
         if json_out is not None:  # no half-written or empty result left behind
             json_out.close()
@@ -130,27 +110,26 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(args: argparse.Namespace, model_path: str, threads: int,
-           cluster: ClusterOptions | None, runner_factory: RunnerFactory | None,
-           table_out: TextIO) -> SweepResult:
+def _sweep(args: argparse.Namespace, target: RunTarget, table_out: TextIO) -> SweepResult:
     """Open the model, print the table row by row, and return the result."""
     from cluster.engine import Engine  # noqa: PLC0415
 
     pp = args.ubatch_size
     tg = args.tg if args.tg is not None else max(pp // 4, 1)
-    with Engine(model_path, backend=args.backend, n_threads=threads, n_ctx=args.ctx_size,
-                isa=args.isa, runner_factory=runner_factory) as engine:
+    with Engine(target.model_path, backend=target.backend, n_threads=target.threads,
+                n_ctx=args.ctx_size, isa=target.isa,
+                runner_factory=target.runner_factory) as engine:
         if engine.n_ctx < max(pp, tg):
             raise NumoeError(
                 f"the context ({engine.n_ctx} tokens) is smaller than one step "
                 f"(-ub {pp}, TG {tg}); raise -c/--ctx-size or lower -ub/--ubatch-size "
                 f"(the model allows up to {engine.config.context_length})")
         result = SweepResult(
-            engine="numoe", model=os.path.basename(model_path),
-            model_size_bytes=os.path.getsize(model_path), n_kv_max=engine.n_ctx,
+            engine="numoe", model=target.model_path.name,
+            model_size_bytes=target.model_path.stat().st_size, n_kv_max=engine.n_ctx,
             n_batch=args.batch_size, n_ubatch=pp,
-            n_threads=threads if cluster is None else (args.threads or 0),
-            backend=args.backend, topology=describe_placement(engine.runner, threads),
+            n_threads=target.threads if target.cluster is None else (args.threads or 0),
+            backend=target.backend, topology=describe_placement(engine.runner, target.threads),
             label=args.label)
         print(f"\nmain: n_kv_max = {result.n_kv_max}, n_batch = {result.n_batch}, "
               f"n_ubatch = {pp}, n_threads = {result.n_threads}, backend = {args.backend}, "
@@ -244,10 +223,3 @@ def describe_placement(runner: Runner, threads: int) -> str:
                f"layers {worker.layers[0]}-{worker.layers[1] - 1}"
                for worker in runner.plan.workers]
     return f"{len(workers)} workers ({'; '.join(workers)})"
-
-
-def _default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
