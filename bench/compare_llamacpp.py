@@ -16,6 +16,7 @@ tokenizer, no sampling). The decode roofline is read bandwidth (native read_prob
 same threads, measured here) divided by the weight bytes one token reads (bench/roofline.py).
 
 Prints a markdown table for bench/RESULTS.md (or JSON with --json) on stdout, progress on stderr.
+Speeds at growing KV depths (sweep-bench) and perplexity side by side: bench/compare_sweep.py.
 """
 
 from __future__ import annotations
