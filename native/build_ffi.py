@@ -38,7 +38,7 @@ ffibuilder.set_source(
     "#include <stdint.h>\n#include \"numoe.h\"\n",
     sources=[_relative(p) for p in sorted(SOURCE_DIR.glob("*.c"))],
     include_dirs=[_relative(INCLUDE_DIR), _relative(SOURCE_DIR)],
-    depends=[_relative(HEADER), _relative(SOURCE_DIR / "internal.h")],
+    depends=[_relative(HEADER), *(_relative(p) for p in sorted(SOURCE_DIR.glob("*.h")))],
     extra_compile_args=["-O3", "-std=c11", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"],
     extra_link_args=["-fopenmp"],
 )

@@ -1,5 +1,5 @@
-/* K-quant dot product of Q5_K for AVX-512 F/BW/VL + VNNI (what dispatch.c checks); Q4_K and
- * Q6_K moved to ktile_avx512.c, whose row x token tiles define their per-pair order.
+/* K-quant dot products of Q5_K and Q6_K for AVX-512 F/BW/VL + VNNI (what dispatch.c checks);
+ * Q4_K moved to ktile_avx512.c, whose row x token tiles define its per-pair order.
  *
  * Same arithmetic as kquants_ref.c and the same plan as kquants_avx2.c (read that first);
  * the differences:
@@ -146,6 +146,65 @@ static float vec_dot_q5_K(int64_t n, const void *w_row, const void *act) {
     return vec_dot_q45_K(n, w_row, sizeof(block_q5_K), act, 1);
 }
 
+static float vec_dot_q6_K(int64_t n, const void *w_row, const void *act) {
+    const block_q6_K *blocks = w_row;
+    const block_q8a *a = act;
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    const __m256i low6 = _mm256_set1_epi8(0x3F);
+    const __m512i act_of_group = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+    __m512 acc_offset = _mm512_setzero_ps();   /* sum of group scale * bsum, to be times -32 */
+
+    for (int64_t i = 0; i < n / QK_K; i++, a += 8) {
+        const block_q6_K *b = &blocks[i];
+        const __m512i meta = load_act_meta(a);
+        /* Float scale of each 16-value group k: d * sc[k] * d_act[k / 2]. */
+        const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b->scales)));
+        const __m512 act16 = _mm512_permutexvar_ps(act_of_group, _mm512_castsi512_ps(meta));
+        const __m512 group_scale = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(half_to_float(b->d)), sc), act16);
+        /* bsums in group order: the 16 int16 of lanes 8-15, widened. */
+        const __m512 bsum = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(meta, 1)));
+        acc_offset = _mm512_fmadd_ps(group_scale, bsum, acc_offset);
+        const __m256 half_scale[2] = {_mm512_castps512_ps256(group_scale),
+                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(group_scale), 1))};
+
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            /* Half h: values 128h + 32r + l (r = 0..3) in activation block 4h + r; r = 0, 2 take
+             * the low / high nibble of ql bytes 0-31, r = 1, 3 of bytes 32-63, and bits
+             * (2r, 2r+1) of qh. Each ternlog takes bits 0-3 from the nibble source and bits 4-7
+             * from the shifted qh; the final and drops qh's unrelated bits 6-7. */
+            const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h));
+            const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h + 32));
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)(b->qh + 32 * h));
+            const __m256i q[4] = {
+                _mm256_and_si256(_mm256_ternarylogic_epi32(ql0, _mm256_slli_epi16(qh, 4), nibble,
+                                                           TERN_SELECT_A_IF_C), low6),
+                _mm256_and_si256(_mm256_ternarylogic_epi32(ql1, _mm256_slli_epi16(qh, 2), nibble,
+                                                           TERN_SELECT_A_IF_C), low6),
+                _mm256_and_si256(_mm256_ternarylogic_epi32(_mm256_srli_epi16(ql0, 4), qh, nibble,
+                                                           TERN_SELECT_A_IF_C), low6),
+                _mm256_and_si256(_mm256_ternarylogic_epi32(_mm256_srli_epi16(ql1, 4),
+                                                           _mm256_srli_epi16(qh, 2), nibble,
+                                                           TERN_SELECT_A_IF_C), low6),
+            };
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) {
+                /* int32 lanes 0-3 belong to group 2r of this half, lanes 4-7 to group 2r+1. */
+                const __m256i s = dot32_u8_s8(q[r], &a[4 * h + r]);
+                const __m256 scale = _mm256_permutevar8x32_ps(
+                    half_scale[h], _mm256_setr_epi32(2 * r, 2 * r, 2 * r, 2 * r, 2 * r + 1,
+                                                     2 * r + 1, 2 * r + 1, 2 * r + 1));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r]);
+            }
+        }
+    }
+    const __m256 total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    return hsum_ps(total) - 32.0f * _mm512_reduce_add_ps(acc_offset);
+}
+
 void numoe_fill_kquants_avx512(numoe_kernel_table *t) {
     t->vec_dot[NUMOE_TYPE_Q5_K] = vec_dot_q5_K;
+    t->vec_dot[NUMOE_TYPE_Q6_K] = vec_dot_q6_K;
 }

@@ -1,16 +1,17 @@
-/* AVX-512 VNNI row x token tiles for Q4_K and Q6_K, and the per-pair vec_dot they reproduce.
+/* AVX-512 VNNI row x token tile for Q4_K, and the per-pair vec_dot it reproduces.
  *
  * As in qdot_avx512.c (read that first), 16 weight rows share a vector, one per lane, and
- * each pair's result is one fixed float sequence over exact integer dot products:
- *   Q4_K, per super-block, sub-block j = 0..7 (32 values, activation block j):
- *       acc = fma((d * sc_j) * d_a, (float)(q . a), acc)
- *       acc = fma(-((dmin * m_j) * d_a), (float)sum(a), acc)
- *   Q6_K, per super-block, activation block b = 0..7, its groups k = 2b, 2b + 1 (16 values):
- *       acc = fma((d * sc_k) * d_a, (float)(q . a - 32 * sum(a over the group)), acc)
- * with q the unsigned codes (Q4_K 0..15, Q6_K 0..63). vec_dot computes it with plain fmaf;
- * the tile unpacks a super-block of 16 rows once, transposed so that vector c of block j
- * holds codes 4c..4c+3 of every row, then runs 8 dpbusd per block for each token.
- * Q5_K keeps kquants_avx512.c's vec_dot and no tile. */
+ * each pair's result is one fixed float sequence over exact integer dot products: per
+ * super-block, sub-block j = 0..7 (32 values, activation block j),
+ *     acc = fma((d * sc_j) * d_a, (float)(q . a), acc)
+ *     acc = fma(-((dmin * m_j) * d_a), (float)sum(a), acc)
+ * with q the unsigned 4-bit codes. vec_dot computes it with plain fmaf; the tile unpacks a
+ * super-block of 16 rows once, transposed so that vector c of block j holds codes 4c..4c+3
+ * of every row, then runs 8 dpbusd per block for each token.
+ * Q5_K and Q6_K keep kquants_avx512.c's vec_dot and no tile. A Q6_K tile built the same way
+ * (6 transposed loads per super-block) gave 3x at 16 tokens but read a DRAM-resident matrix
+ * at one token at 12-13 GB/s per thread against the per-pair kernel's 18: the LM head of a
+ * Q4_K_M model is Q6_K, so decode lost more than batches won (see git history). */
 #include <immintrin.h>
 #include <math.h>
 #include <string.h>
@@ -70,42 +71,12 @@ static float vec_dot_q4_K(int64_t n, const void *w_row, const void *act) {
     return acc;
 }
 
-/* The 6-bit codes of activation block r (0..7) of a Q6_K super-block (ggml's layout: half
- * h = r / 4 of 128 values; r % 4 picks the low or high nibble of ql[0..31] or ql[32..63]
- * and two bits of qh). */
-ALWAYS_INLINE void q6_codes(const block_q6_K *b, int r, uint8_t codes[32]) {
-    const uint8_t *ql = b->ql + 64 * (r / 4) + 32 * (r % 2);
-    const uint8_t *qh = b->qh + 32 * (r / 4);
-    const int nibble_shift = r % 4 >= 2 ? 4 : 0, high_shift = 2 * (r % 4);
-    for (int l = 0; l < 32; l++)
-        codes[l] = (uint8_t)(((ql[l] >> nibble_shift) & 0xF) | (((qh[l] >> high_shift) & 3) << 4));
-}
-
-static float vec_dot_q6_K(int64_t n, const void *w_row, const void *act) {
-    const block_q6_K *blocks = w_row;
-    const block_q8a *a = act;
-    float acc = 0.0f;
-    for (int64_t i = 0; i < n / QK_K; i++, a += BLOCKS) {
-        const block_q6_K *b = &blocks[i];
-        const float d = _cvtsh_ss(b->d);
-        for (int r = 0; r < BLOCKS; r++) {
-            uint8_t codes[32];
-            q6_codes(b, r, codes);
-            for (int g = 0; g < 2; g++) {
-                const int32_t dot = code_dot(codes, a[r].qs, 16 * g, 16) - 32 * a[r].bsums[g];
-                acc = fmaf((d * (float)b->scales[2 * r + g]) * a[r].d, (float)dot, acc);
-            }
-        }
-    }
-    return acc;
-}
-
 /* --- tiles -------------------------------------------------------------------------------- */
 
 typedef struct {
     __m512i codes[BLOCKS][8];  /* [block][c] lane r: codes 4c..4c+3 of row r */
-    __m512 scale[2 * BLOCKS];  /* Q4_K: d * sc_j (j < 8); Q6_K: d * sc_k (k < 16) */
-    __m512 min[BLOCKS];        /* Q4_K: dmin * m_j */
+    __m512 scale[BLOCKS];      /* d * sc_j */
+    __m512 min[BLOCKS];        /* dmin * m_j */
 } super_block_16;
 
 /* Byte k (0..3) of every lane, shifted right by `shift` more bits, masked. */
@@ -143,42 +114,6 @@ static void unpack_q4_K(const uint8_t *const *rows, const uint8_t *base, __m512i
     }
 }
 
-static void unpack_q6_K(const uint8_t *const *rows, const uint8_t *base, __m512i offsets,
-                        super_block_16 *sb) {
-    /* d sits in the last 2 bytes: read the dword ending there, not one past the block. */
-    const __m512i d_word = _mm512_i32gather_epi32(offsets, base + offsetof(block_q6_K, d) - 2, 1);
-    const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(d_word, 16)));
-    for (int w = 0; w < 4; w++) {  /* int8 scales 4w..4w+3 */
-        const __m512i word = _mm512_i32gather_epi32(
-            offsets, base + offsetof(block_q6_K, scales) + 4 * w, 1);
-        for (int k = 0; k < 4; k++) {
-            const __m512i sc = _mm512_srai_epi32(_mm512_slli_epi32(word, 24 - 8 * k), 24);
-            sb->scale[4 * w + k] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
-        }
-    }
-    const __m512i nibble = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
-    for (int h = 0; h < 2; h++) {
-        __m512i lo[8], hi[8], top[8];  /* ql[64h..+31], ql[64h+32..+63], qh[32h..+31] */
-        numoe_load_transposed(rows, (int64_t)offsetof(block_q6_K, ql) + 64 * h, lo);
-        numoe_load_transposed(rows, (int64_t)offsetof(block_q6_K, ql) + 64 * h + 32, hi);
-        numoe_load_transposed(rows, (int64_t)offsetof(block_q6_K, qh) + 32 * h, top);
-        for (int c = 0; c < 8; c++) {
-            /* 16-bit shifts: the masks drop the bits that cross from the neighbour byte. */
-            const __m512i q[4] = {
-                _mm512_or_si512(_mm512_and_si512(lo[c], nibble),
-                                _mm512_and_si512(_mm512_slli_epi16(top[c], 4), bits45)),
-                _mm512_or_si512(_mm512_and_si512(hi[c], nibble),
-                                _mm512_and_si512(_mm512_slli_epi16(top[c], 2), bits45)),
-                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lo[c], 4), nibble),
-                                _mm512_and_si512(top[c], bits45)),
-                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(hi[c], 4), nibble),
-                                _mm512_and_si512(_mm512_srli_epi16(top[c], 2), bits45)),
-            };
-            for (int r = 0; r < 4; r++) sb->codes[4 * h + r][c] = q[r];
-        }
-    }
-}
-
 /* Exact code . a over dwords [c0, c0 + 4) of block j, for the 16 rows, from `start`. */
 ALWAYS_INLINE __m512i codes_dot4(const super_block_16 *sb, int j, int c0, const int8_t *qs,
                                  __m512i start) {
@@ -203,26 +138,12 @@ ALWAYS_INLINE __m512 token_q4_K(const super_block_16 *sb, const block_q8a *a, __
     return acc;
 }
 
-ALWAYS_INLINE __m512 token_q6_K(const super_block_16 *sb, const block_q8a *a, __m512 acc) {
-    for (int r = 0; r < BLOCKS; r++) {
-        const __m512 d_a = _mm512_set1_ps(a[r].d);
-        for (int g = 0; g < 2; g++) {
-            const __m512i dot = codes_dot4(sb, r, 4 * g, a[r].qs,
-                                           _mm512_set1_epi32(-32 * a[r].bsums[g]));
-            acc = _mm512_fmadd_ps(_mm512_mul_ps(sb->scale[2 * r + g], d_a),
-                                  _mm512_cvtepi32_ps(dot), acc);
-        }
-    }
-    return acc;
-}
-
 /* Up to 16 rows x up to MAX_TOKENS tokens: y[t * ldy + r]. Rows past n_rows repeat row 0;
  * their lanes are computed and dropped. */
 ALWAYS_INLINE void tile_16(int type, int64_t n, const uint8_t *w, int64_t row_bytes,
                            int64_t n_rows, const void *const *acts, int64_t n_tokens, float *y,
                            int64_t ldy) {
-    const int64_t bytes = type == NUMOE_TYPE_Q4_K ? (int64_t)sizeof(block_q4_K)
-                                                  : (int64_t)sizeof(block_q6_K);
+    const int64_t bytes = (int64_t)sizeof(block_q4_K);
     const uint8_t *rows[LANES];
     int32_t row_offsets[LANES];
     for (int r = 0; r < LANES; r++) {
@@ -238,13 +159,11 @@ ALWAYS_INLINE void tile_16(int type, int64_t n, const uint8_t *w, int64_t row_by
     super_block_16 sb;
     for (int64_t i = 0; i < nb; i++) {
         numoe_prefetch_span(next + i * slice, slice);
-        if (type == NUMOE_TYPE_Q4_K) unpack_q4_K(rows, w + i * bytes, offsets, &sb);
-        else unpack_q6_K(rows, w + i * bytes, offsets, &sb);
+        unpack_q4_K(rows, w + i * bytes, offsets, &sb);
         for (int r = 0; r < LANES; r++) rows[r] += bytes;
         for (int64_t t = 0; t < n_tokens; t++) {
             const block_q8a *a = (const block_q8a *)acts[t] + i * BLOCKS;
-            acc[t] = type == NUMOE_TYPE_Q4_K ? token_q4_K(&sb, a, acc[t])
-                                             : token_q6_K(&sb, a, acc[t]);
+            acc[t] = token_q4_K(&sb, a, acc[t]);
         }
     }
     const __mmask16 valid = (__mmask16)((1u << n_rows) - 1);
@@ -266,13 +185,10 @@ ALWAYS_INLINE void tile_16(int type, int64_t n, const uint8_t *w, int64_t row_by
     }
 
 DEFINE_KTILE(q4_K, NUMOE_TYPE_Q4_K)
-DEFINE_KTILE(q6_K, NUMOE_TYPE_Q6_K)
 
 #pragma GCC pop_options
 
 void numoe_fill_ktile_avx512(numoe_kernel_table *t) {
     t->vec_dot[NUMOE_TYPE_Q4_K] = vec_dot_q4_K;
     t->vec_dot_tile[NUMOE_TYPE_Q4_K] = vec_dot_tile_q4_K;
-    t->vec_dot[NUMOE_TYPE_Q6_K] = vec_dot_q6_K;
-    t->vec_dot_tile[NUMOE_TYPE_Q6_K] = vec_dot_tile_q6_K;
 }
