@@ -1,7 +1,12 @@
-"""End-to-end prompt and decode speed of numoe against llama.cpp's llama-bench, with the roofline.
+"""numoe against llama.cpp on one GGUF, same threads: two comparisons.
 
+    python bench/compare_llamacpp.py sweep MODEL.gguf [...]   # sweep-bench PP/TG at KV depths
+                                                              # and perplexity, with ratios
+                                                              # (bench/compare_sweep.py)
     python bench/compare_llamacpp.py MODEL.gguf [--threads 2] [--pp 64] [--tg 32] [--repeats 5]
-                                     [--json]
+                                     [--json]                 # llama-bench pp/tg + roofline
+
+The second, described here: end-to-end prompt and decode speed against llama-bench.
 
 Both engines run llama-bench's two tests on the same model and thread count:
 - pp: one forward pass over PP tokens from an empty KV cache (logits of the last token only);
@@ -210,6 +215,13 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "sweep":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import compare_sweep  # noqa: PLC0415
+
+        sys.argv = [str(Path(compare_sweep.__file__)), *sys.argv[2:]]
+        compare_sweep.main()
+        return
     args = parse_args()
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     with open_gguf(args.model) as gguf:
