@@ -39,6 +39,26 @@ class RopeStyle(Enum):
     NEOX = "neox"  # pairs (i, i + d/2): GPT-NeoX layout, used by Qwen3 and Gemma 3
 
 
+class ExpertGating(Enum):
+    """How the router turns logits into expert scores. The values are GGUF's expert_gating_func
+    (llama.cpp's llama_expert_gating_func_type)."""
+
+    SOFTMAX = 1  # Qwen3-MoE, DeepSeek-V2
+    SIGMOID = 2  # DeepSeek-V3 / R1, Kimi-K2
+
+
+@dataclass(frozen=True)
+class YarnScaling:
+    """YaRN RoPE context extension, as transformers' rope_parameters of type "yarn" hold it."""
+
+    factor: float  # context extension factor (GGUF rope.scaling.factor)
+    original_context_length: int  # context the model was pre-trained with, in tokens
+    beta_fast: float = 32.0  # rotations above which a frequency is kept (extrapolated)
+    beta_slow: float = 1.0  # rotations below which a frequency is divided by factor
+    mscale: float = 1.0  # DeepSeek's mscale
+    mscale_all_dim: float = 0.0  # DeepSeek's mscale_all_dim; 0 = absent
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str
@@ -78,6 +98,10 @@ class ModelConfig:
     kv_lora_rank: int = 0  # MLA: width of the compressed KV latent; 0 = not MLA
     qk_rope_head_dim: int = 0  # MLA: RoPE part of a head's query/key (one rope key per token)
     n_nextn_layers: int = 0  # multi-token-prediction layers stored after n_layers, never run
+    expert_gating: ExpertGating = ExpertGating.SOFTMAX  # router logits -> expert scores
+    n_expert_groups: int = 1  # group-limited routing: experts in this many groups (1 = none)
+    n_expert_groups_used: int = 1  # groups a token may pick its experts from
+    rope_yarn: YarnScaling | None = None  # None = no YaRN scaling
 
     @property
     def is_moe(self) -> bool:
