@@ -145,12 +145,7 @@ ALWAYS_INLINE void tile_16(int type, int64_t n, const uint8_t *w, int64_t row_by
                            int64_t ldy) {
     const int64_t bytes = (int64_t)sizeof(block_q4_K);
     const uint8_t *rows[LANES];
-    int32_t row_offsets[LANES];
-    for (int r = 0; r < LANES; r++) {
-        row_offsets[r] = (int32_t)((r < n_rows ? r : 0) * row_bytes);
-        rows[r] = w + row_offsets[r];
-    }
-    const __m512i offsets = _mm512_loadu_si512(row_offsets);
+    const __m512i offsets = numoe_tile_rows(w, row_bytes, n_rows, rows);
     __m512 acc[MAX_TOKENS];
     for (int64_t t = 0; t < n_tokens; t++) acc[t] = _mm512_setzero_ps();
     const int64_t nb = n / QK_K;

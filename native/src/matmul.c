@@ -154,17 +154,27 @@ static int matmat_gemm(const numoe_kernel_table *table, int type, const uint8_t 
     return NUMOE_OK;
 }
 
+/* The argument checks every product shares; *row_bytes on success. */
+static int check_product(int type, const void *weight, int64_t n_out, int64_t n_in,
+                         const float *x, const float *y, int64_t *row_bytes) {
+    if (check_type(type) != NUMOE_OK) return NUMOE_EBADTYPE;
+    if (numoe_active_table()->vec_dot[type] == NULL) return NUMOE_EBADTYPE;
+    if (weight == NULL || x == NULL || y == NULL) return NUMOE_EBADARG;
+    *row_bytes = numoe_row_bytes(type, n_in);
+    if (*row_bytes < 0) return (int)*row_bytes;
+    if (n_out <= 0 || n_out > INT64_MAX / *row_bytes) return NUMOE_EBADSHAPE;
+    return NUMOE_OK;
+}
+
 /* allow_gemm == 0: every row takes the vec_dot path, so each row's result is what it would
  * be alone (numoe_matmul_rows). */
 static int matmul(int type, const void *weight, int64_t n_out, int64_t n_in, const float *x,
                   int64_t n_tokens, float *y, int allow_gemm) {
-    if (check_type(type) != NUMOE_OK) return NUMOE_EBADTYPE;
+    int64_t row_bytes;
+    const int status = check_product(type, weight, n_out, n_in, x, y, &row_bytes);
+    if (status != NUMOE_OK) return status;
+    if (n_tokens < 0) return NUMOE_EBADSHAPE;
     const numoe_kernel_table *table = numoe_active_table();
-    if (table->vec_dot[type] == NULL) return NUMOE_EBADTYPE;
-    if (weight == NULL || x == NULL || y == NULL) return NUMOE_EBADARG;
-    const int64_t row_bytes = numoe_row_bytes(type, n_in);
-    if (row_bytes < 0) return (int)row_bytes;
-    if (n_out <= 0 || n_tokens < 0 || n_out > INT64_MAX / row_bytes) return NUMOE_EBADSHAPE;
     if (n_tokens == 0) return NUMOE_OK;
     if (n_tokens > INT64_MAX / n_out || n_tokens > INT64_MAX / n_in) return NUMOE_EBADSHAPE;
     if (allow_gemm && n_tokens >= numoe_gemm_min_tokens(type) && table->dequant[type] != NULL)
@@ -198,13 +208,10 @@ int numoe_matmul_rows(int type, const void *weight, int64_t n_out, int64_t n_in,
 
 int numoe_vec_dot_rows(int type, const void *weight, int64_t n_out, int64_t n_in,
                        const float *x, float *y) {
-    if (check_type(type) != NUMOE_OK) return NUMOE_EBADTYPE;
+    int64_t row_bytes;
+    const int status = check_product(type, weight, n_out, n_in, x, y, &row_bytes);
+    if (status != NUMOE_OK) return status;
     const numoe_kernel_table *table = numoe_active_table();
-    if (table->vec_dot[type] == NULL) return NUMOE_EBADTYPE;
-    if (weight == NULL || x == NULL || y == NULL) return NUMOE_EBADARG;
-    const int64_t row_bytes = numoe_row_bytes(type, n_in);
-    if (row_bytes < 0) return (int)row_bytes;
-    if (n_out <= 0 || n_out > INT64_MAX / row_bytes) return NUMOE_EBADSHAPE;
     const void *act = x;
     block_q8a *x_q8a = NULL;
     if (numoe_type_uses_q8a(type)) {

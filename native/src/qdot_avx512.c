@@ -115,12 +115,7 @@ static void tile_16(int type, int64_t n, const uint8_t *w, int64_t row_bytes, in
     const int64_t bytes = block_bytes(type);
     const int offset = weight_offset(type);
     const uint8_t *rows[LANES];
-    int32_t row_offsets[LANES];
-    for (int r = 0; r < LANES; r++) {
-        row_offsets[r] = (int32_t)((r < n_rows ? r : 0) * row_bytes);
-        rows[r] = w + row_offsets[r];
-    }
-    const __m512i offsets = _mm512_loadu_si512(row_offsets);
+    const __m512i offsets = numoe_tile_rows(w, row_bytes, n_rows, rows);
     __m512 acc[MAX_TOKENS];
     for (int64_t t = 0; t < n_tokens; t++) acc[t] = _mm512_setzero_ps();
     /* The 16 rows are one contiguous span, but read a block column at a time they look

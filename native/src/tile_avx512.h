@@ -45,6 +45,18 @@ ALWAYS_INLINE void numoe_load_transposed(const uint8_t *const *rows, int64_t off
     numoe_transpose_16x8(z, t);
 }
 
+/* The row pointers of a tile (rows past n_rows repeat row 0: their lanes are computed and
+ * dropped) and their byte offsets from w, as the gather index vector. */
+ALWAYS_INLINE __m512i numoe_tile_rows(const uint8_t *w, int64_t row_bytes, int64_t n_rows,
+                                      const uint8_t *rows[16]) {
+    int32_t offsets[16];
+    for (int r = 0; r < 16; r++) {
+        offsets[r] = (int32_t)((r < n_rows ? r : 0) * row_bytes);
+        rows[r] = w + offsets[r];
+    }
+    return _mm512_loadu_si512(offsets);
+}
+
 ALWAYS_INLINE __m512i broadcast_dword(const int8_t *p) {
     int32_t v;
     memcpy(&v, p, sizeof v);

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -99,6 +100,10 @@ class TinySpec:
     config_class: str
     config: dict[str, Any]
     seed: int
+    # Model-specific weights recipe run after the generic one, (model, generator) -> None: e.g.
+    # DeepSeek's router bias is a buffer that starts at zero, so the generic scaling skips it.
+    # Its qualified name enters the cache hash.
+    adjust_weights: Callable[[Any, Any], None] | None = None
 
 
 SPECS: dict[str, TinySpec] = {
@@ -118,7 +123,12 @@ def tiny_model(name: str) -> TinyModel:
     """The tiny model `name`, built on first use (about a minute) and reused from the cache."""
     if name not in SPECS:
         raise ValueError(f"unknown tiny model {name!r}; known: {sorted(SPECS)}")
-    spec = SPECS[name]
+    return cached_model(SPECS[name])
+
+
+def cached_model(spec: TinySpec) -> TinyModel:
+    """The tiny model `spec` describes, built on first use and reused from the cache."""
+    name = spec.name
     final_dir = CACHE_ROOT / f"{name}-{_spec_hash(spec)}"
     if not _is_complete(final_dir):
         CACHE_ROOT.mkdir(parents=True, exist_ok=True)
@@ -138,6 +148,8 @@ def _spec_hash(spec: TinySpec) -> str:
         "build_version": BUILD_VERSION,
         "llamacpp": llamacpp.VERSION,
     }
+    if spec.adjust_weights is not None:  # only when set, so the older models keep their hash
+        recipe["adjust_weights"] = spec.adjust_weights.__qualname__
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -191,6 +203,8 @@ def _save_hf_model(spec: TinySpec, hf_dir: Path) -> None:
                 param.copy_(1.0 + NORM_WEIGHT_SPREAD * spread)
             else:
                 param.mul_(WEIGHT_SCALE)
+        if spec.adjust_weights is not None:
+            spec.adjust_weights(model, generator)
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
 
