@@ -13,6 +13,9 @@ import sys
 from functools import cache
 from pathlib import Path
 from types import ModuleType
+from typing import Any
+
+import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VERSION = os.environ.get("NUMOE_LLAMACPP_VERSION", "0.3.36")
@@ -61,3 +64,31 @@ def bindings() -> ModuleType:
     import llama_cpp  # noqa: PLC0415 — importable only once the path above is set
 
     return llama_cpp
+
+
+def load_model(path: str | os.PathLike, n_ctx: int = 128) -> Any:
+    """A llama_cpp.Llama with every position's logits and an F32 KV cache (the default F16
+    cache alone moves small models' logits by ~5e-4 relative)."""
+    llama_cpp = bindings()
+    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+                           verbose=False)
+
+
+def logits(path: str | os.PathLike, token_ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits for every position of a plain token-id prompt: [T, vocab] float64."""
+    llm = load_model(path)
+    llm.eval(token_ids)
+    return np.array(llm.scores[: len(token_ids)], dtype=np.float64)
+
+
+def greedy(path: str | os.PathLike, prompt_ids: list[int], n_new: int) -> list[int]:
+    """llama.cpp's greedy continuation of a plain token-id prompt (no template, no BOS added)."""
+    llm = load_model(path)
+    llm.eval(prompt_ids)
+    new_ids: list[int] = []
+    for _ in range(n_new):
+        next_id = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # ties -> lowest id
+        new_ids.append(next_id)
+        llm.eval([next_id])
+    return new_ids

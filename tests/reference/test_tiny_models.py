@@ -19,6 +19,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from tests.reference import llamacpp as reference_llamacpp
 from tests.reference.tiny_models import (
     TinyModel,
     reference_greedy,
@@ -41,34 +42,6 @@ def _prompt_ids(model: TinyModel) -> list[int]:
     return tokenizer(model)(TEXT).input_ids
 
 
-def _llama(llamacpp: ModuleType, path: str, n_ctx: int = 128) -> object:
-    return llamacpp.Llama(
-        model_path=path,
-        logits_all=True,
-        n_ctx=n_ctx,
-        type_k=llamacpp.GGML_TYPE_F32,
-        type_v=llamacpp.GGML_TYPE_F32,
-        verbose=False,
-    )
-
-
-def _llamacpp_logits(llamacpp: ModuleType, path: str, token_ids: list[int]) -> np.ndarray:
-    llm = _llama(llamacpp, path)
-    llm.eval(token_ids)
-    return np.array(llm.scores[: len(token_ids)], dtype=np.float64)  # [T, vocab]
-
-
-def _llamacpp_greedy(llamacpp: ModuleType, path: str, prompt: list[int], n_new: int) -> list[int]:
-    llm = _llama(llamacpp, path)
-    llm.eval(prompt)
-    new_ids: list[int] = []
-    for _ in range(n_new):
-        next_id = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # ties -> lowest id
-        new_ids.append(next_id)
-        llm.eval([next_id])
-    return new_ids
-
-
 @pytest.fixture(scope="module", params=["qwen3moe", "qwen3"])
 def model(request: pytest.FixtureRequest) -> TinyModel:
     return request.getfixturevalue(f"tiny_{request.param}")
@@ -80,7 +53,7 @@ def test_llamacpp_logits_match_transformers(
 ) -> None:
     ids = _prompt_ids(model)
     expected = reference_logits(model, ids)  # [T, vocab]
-    got = _llamacpp_logits(llamacpp, str(model.gguf[kind]), ids)  # [T, vocab]
+    got = reference_llamacpp.logits(model.gguf[kind], ids)  # [T, vocab]
     assert got.shape == expected.shape
     scale = np.abs(expected).max()
     per_position = np.abs(got - expected).max(axis=1) / scale  # [T]
@@ -105,7 +78,7 @@ def test_greedy_tokens_match_for_f32(model: TinyModel, llamacpp: ModuleType) -> 
     prompt = _prompt_ids(model)[:6]
     expected = reference_greedy(model, prompt, N_GREEDY)
     assert len(expected) == N_GREEDY
-    assert _llamacpp_greedy(llamacpp, str(model.gguf["f32"]), prompt, N_GREEDY) == expected
+    assert reference_llamacpp.greedy(model.gguf["f32"], prompt, N_GREEDY) == expected
 
 
 def test_reference_greedy_agrees_with_full_forward(model: TinyModel) -> None:
@@ -117,7 +90,7 @@ def test_reference_greedy_agrees_with_full_forward(model: TinyModel) -> None:
 
 
 def test_gguf_tokenizer_matches_transformers(model: TinyModel, llamacpp: ModuleType) -> None:
-    llm = _llama(llamacpp, str(model.gguf["q8_0"]), n_ctx=32)
+    llm = reference_llamacpp.load_model(model.gguf["q8_0"], n_ctx=32)
     hf_tokenizer = tokenizer(model)
     for text in [TEXT, "  spaces\tand\nnewlines  ", "numbers 1234567 and ünïcödé 日本語 🙂"]:
         expected = hf_tokenizer(text).input_ids

@@ -173,33 +173,6 @@ def _tensor(reader: Any, name: str) -> np.ndarray:
     return np.asarray(next(t for t in reader.tensors if t.name == name).data)
 
 
-def _llama(path: Path) -> Any:
-    # An F32 KV cache: the default F16 cache alone moves the logits by ~5e-4 relative.
-    bindings = llamacpp.bindings()
-    return bindings.Llama(
-        model_path=str(path),
-        logits_all=True,
-        n_ctx=128,
-        type_k=bindings.GGML_TYPE_F32,
-        type_v=bindings.GGML_TYPE_F32,
-        verbose=False,
-    )
-
-
-def llamacpp_logits(path: Path, token_ids: list[int]) -> np.ndarray:
-    """llama.cpp's logits for every position of a plain token-id prompt: [T, vocab] float64."""
-    llm = _llama(path)
-    llm.eval(token_ids)
-    return np.array(llm.scores[: len(token_ids)], dtype=np.float64)
-
-
-def llamacpp_greedy(path: Path, prompt_ids: list[int], n_new: int) -> list[int]:
-    """llama.cpp's greedy continuation of a plain token-id prompt (no template, no BOS added)."""
-    llm = _llama(path)
-    llm.eval(prompt_ids)
-    new_ids: list[int] = []
-    for _ in range(n_new):
-        next_id = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # ties -> lowest id
-        new_ids.append(next_id)
-        llm.eval([next_id])
-    return new_ids
+# llama.cpp's side of the comparison, shared with the other tiny models' tests.
+llamacpp_logits = llamacpp.logits
+llamacpp_greedy = llamacpp.greedy
