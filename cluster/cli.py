@@ -20,7 +20,6 @@ from cluster.plot import add_plot_parser
 from cluster.run_args import (
     add_compute_arguments,
     add_model_arguments,
-    check_model_and_threads,
     run_target,
 )
 from cluster.serve_cli import add_serve_parser
@@ -258,7 +257,6 @@ def _run_generate(args: argparse.Namespace) -> int:
     from cluster.engine import DEFAULT_CTX, Engine  # noqa: PLC0415
     from cluster.sampling import SamplingParams  # noqa: PLC0415
 
-    check_model_and_threads(args)
     if args.n_predict < 0:
         raise NumoeError(f"-n/--n-predict {args.n_predict} must be >= 0")
     target = run_target(args)

@@ -35,7 +35,6 @@ from cluster.run_args import (
     RunTarget,
     add_compute_arguments,
     add_model_arguments,
-    check_model_and_threads,
     run_target,
 )
 
@@ -141,10 +140,10 @@ def run_perplexity(args: argparse.Namespace) -> int:
     )
 
     save_path, base_path = _check_args(args)
+    target = run_target(args)  # the shared flags, checked before the base file is read
+    model_path = target.model_path
     compare = args.kl_divergence
     base = read_log_probs(base_path) if compare else None  # checked before the model loads
-    target = run_target(args)
-    model_path = target.model_path
     engine = _open_engine(target, base[0].n_ctx if base else args.ctx_size)
     err = sys.stderr
     out = sys.stderr if args.json else sys.stdout  # --json: stdout holds only the JSON
@@ -250,7 +249,6 @@ def _text_chunks(args: argparse.Namespace, engine: Engine) -> np.ndarray:
 
 def _check_args(args: argparse.Namespace) -> tuple[str | None, str | None]:
     """(file to save log-probs to, base file to compare with); flag errors."""
-    check_model_and_threads(args)
     if args.batch_size < 1:
         raise NumoeError(f"-b/--batch-size {args.batch_size} must be at least 1 token")
     if args.chunks is not None and args.chunks < 1:

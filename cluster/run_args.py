@@ -60,8 +60,7 @@ class RunTarget:
     runner_factory: RunnerFactory | None  # the cluster's workers, or None
 
 
-def check_model_and_threads(args: argparse.Namespace) -> None:
-    """The flag errors run_target raises, for commands that check before slow work."""
+def _check_model_and_threads(args: argparse.Namespace) -> None:
     if args.model and args.model_flag and args.model != args.model_flag:
         raise NumoeError("two different models given (MODEL and -m); pass only one")
     if args.threads is not None and args.threads <= 0:
@@ -76,7 +75,7 @@ def run_target(args: argparse.Namespace) -> RunTarget:
         cluster_runner_factory,
     )
 
-    check_model_and_threads(args)
+    _check_model_and_threads(args)
     cluster = cluster_options_from_args(args)  # bad cluster flags fail before the model loads
     runner_factory = None if cluster is None else cluster_runner_factory(
         cluster, backend=args.backend, isa=args.isa)

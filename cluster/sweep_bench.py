@@ -27,7 +27,6 @@ from cluster.run_args import (
     RunTarget,
     add_compute_arguments,
     add_model_arguments,
-    check_model_and_threads,
     run_target,
 )
 from cluster.sweep_results import TABLE_HEADER, TABLE_SEPARATOR, SweepResult, SweepRow
@@ -80,7 +79,6 @@ def _check_sizes(args: argparse.Namespace) -> None:
             raise NumoeError(f"{flag} {value} must be a positive number of tokens")
     if args.tg is not None and args.tg < 1:
         raise NumoeError(f"-n/--tg {args.tg} must be a positive number of decode steps")
-    check_model_and_threads(args)
 
 
 def run_bench(args: argparse.Namespace) -> int:

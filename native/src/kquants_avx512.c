@@ -56,7 +56,7 @@ static inline __m512i load_act_meta(const block_q8a *a) {
     return _mm512_mask_blend_epi32(0xF0F0, blocks0123, blocks4567);
 }
 
-/* Q4_K/Q5_K block header (d, dmin, 12 packed bytes of 6-bit scales and mins), one 16-byte
+/* Q5_K block header (Q4_K's layout too: d, dmin, 12 packed bytes of 6-bit scales and mins), one 16-byte
  * load: d and dmin as broadcast floats, the eight scales sc and the eight mins m as floats.
  * Scale layout (see kquants_ref.c), in the header's words w1 w2 w3 (w0 = d, dmin):
  * sc0-3 = w1 & 63, m0-3 = w2 & 63, sc4-7 = (w3 & 15) | top2(w1), m4-7 = (w3 >> 4) | top2(w2). */
@@ -92,19 +92,17 @@ static inline __m256i sum_each_of_8(const __m256i s[8]) {
                             _mm256_permute2x128_si256(quads[0], quads[1], 0x31));
 }
 
-static inline float vec_dot_q45_K(int64_t n, const uint8_t *row, size_t block_bytes,
-                                  const block_q8a *a, int with_qh) {
+static float vec_dot_q5_K(int64_t n, const void *w_row, const void *act) {
     const __m256i nibble = _mm256_set1_epi8(0x0F);
     const __m256i bit4 = _mm256_set1_epi8(0x10);
-    const __m256 high_nibble_in_place = _mm256_setr_ps(1.0f, 0.0625f, 1.0f, 0.0625f, 1.0f, 0.0625f,
-                                                       1.0f, 0.0625f);   /* odd blocks: 1/16 */
+    const uint8_t *row = w_row;
+    const block_q8a *a = act;
     __m256 acc = _mm256_setzero_ps();       /* d * sc_j * d_act_j * sum(q * qs), per lane j */
     __m256 acc_min = _mm256_setzero_ps();   /* dmin * m_j * d_act_j * sum(qs), per lane j */
 
-    for (int64_t i = 0; i < n / QK_K; i++, row += block_bytes, a += 8) {
-        const block_q4_K *b = (const block_q4_K *)row;
+    for (int64_t i = 0; i < n / QK_K; i++, row += sizeof(block_q5_K), a += 8) {
         const uint8_t *qh = row + offsetof(block_q5_K, qh);
-        const uint8_t *qs = with_qh ? row + offsetof(block_q5_K, qs) : b->qs;
+        const uint8_t *qs = row + offsetof(block_q5_K, qs);
 
         const __m512i meta = load_act_meta(a);
         const __m256 act_d = _mm512_castps512_ps256(_mm512_castsi512_ps(meta));
@@ -114,36 +112,25 @@ static inline float vec_dot_q45_K(int64_t n, const uint8_t *row, size_t block_by
         unpack_header(row, &d, &dmin, &sc, &m);
         acc_min = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(dmin, m), act_d), act_sum, acc_min);
 
-        __m256i high = with_qh ? _mm256_loadu_si256((const __m256i *)qh) : _mm256_setzero_si256();
+        __m256i high = _mm256_loadu_si256((const __m256i *)qh);
         __m256i s[8];
 #pragma GCC unroll 4
         for (int p = 0; p < 4; p++) {
             /* 32 bytes of qs = sub-block 2p (low nibbles) and 2p+1 (high nibbles). */
             const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
             __m256i q_lo = _mm256_and_si256(q, nibble);
-            /* Q4_K keeps the high nibble in place (16 x its value, < 256; dpbusd sums in
-             * int32, so no saturation) and takes the 1/16 into the block scale: one op
-             * instead of two. Q5_K's fifth bit would then need bit 8, so Q5_K shifts. */
-            __m256i q_hi = with_qh ? _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble)
-                                   : _mm256_andnot_si256(nibble, q);
-            if (with_qh) {
-                /* Bit 2p / 2p+1 of every qh byte, moved to bit 4 (high has been shifted by 2p). */
-                q_lo = _mm256_ternarylogic_epi32(q_lo, _mm256_slli_epi16(high, 4), bit4, TERN_A_OR_B_AND_C);
-                q_hi = _mm256_ternarylogic_epi32(q_hi, _mm256_slli_epi16(high, 3), bit4, TERN_A_OR_B_AND_C);
-                high = _mm256_srli_epi16(high, 2);
-            }
+            __m256i q_hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
+            /* Bit 2p / 2p+1 of every qh byte, moved to bit 4 (high has been shifted by 2p). */
+            q_lo = _mm256_ternarylogic_epi32(q_lo, _mm256_slli_epi16(high, 4), bit4, TERN_A_OR_B_AND_C);
+            q_hi = _mm256_ternarylogic_epi32(q_hi, _mm256_slli_epi16(high, 3), bit4, TERN_A_OR_B_AND_C);
+            high = _mm256_srli_epi16(high, 2);
             s[2 * p] = dot32_u8_s8(q_lo, &a[2 * p]);
             s[2 * p + 1] = dot32_u8_s8(q_hi, &a[2 * p + 1]);
         }
-        const __m256 d_per_block = with_qh ? d : _mm256_mul_ps(d, high_nibble_in_place);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_each_of_8(s)),
-                              _mm256_mul_ps(_mm256_mul_ps(d_per_block, sc), act_d), acc);
+                              _mm256_mul_ps(_mm256_mul_ps(d, sc), act_d), acc);
     }
     return hsum_ps(_mm256_sub_ps(acc, acc_min));
-}
-
-static float vec_dot_q5_K(int64_t n, const void *w_row, const void *act) {
-    return vec_dot_q45_K(n, w_row, sizeof(block_q5_K), act, 1);
 }
 
 static float vec_dot_q6_K(int64_t n, const void *w_row, const void *act) {

@@ -32,10 +32,10 @@ enum {
 
 /* --- the per-pair definition ------------------------------------------------------------ */
 
-/* Exact sum of codes[l] * a[l] for l in [l0, l0 + n). */
-ALWAYS_INLINE int32_t code_dot(const uint8_t *codes, const int8_t *a, int l0, int n) {
+/* Exact sum of codes[l] * a[l] over one 32-value block. */
+ALWAYS_INLINE int32_t code_dot(const uint8_t *codes, const int8_t *a) {
     int32_t sum = 0;
-    for (int l = l0; l < l0 + n; l++) sum += codes[l] * a[l];
+    for (int l = 0; l < 32; l++) sum += codes[l] * a[l];
     return sum;
 }
 
@@ -64,7 +64,7 @@ static float vec_dot_q4_K(int64_t n, const void *w_row, const void *act) {
             int sc, m;
             scale_min(b->scales, j, &sc, &m);
             const float sum_a = (float)(a[j].bsums[0] + a[j].bsums[1]);
-            acc = fmaf((d * (float)sc) * a[j].d, (float)code_dot(codes, a[j].qs, 0, 32), acc);
+            acc = fmaf((d * (float)sc) * a[j].d, (float)code_dot(codes, a[j].qs), acc);
             acc = fmaf(-((dmin * (float)m) * a[j].d), sum_a, acc);
         }
     }
@@ -140,9 +140,8 @@ ALWAYS_INLINE __m512 token_q4_K(const super_block_16 *sb, const block_q8a *a, __
 
 /* Up to 16 rows x up to MAX_TOKENS tokens: y[t * ldy + r]. Rows past n_rows repeat row 0;
  * their lanes are computed and dropped. */
-ALWAYS_INLINE void tile_16(int type, int64_t n, const uint8_t *w, int64_t row_bytes,
-                           int64_t n_rows, const void *const *acts, int64_t n_tokens, float *y,
-                           int64_t ldy) {
+static void tile_16(int64_t n, const uint8_t *w, int64_t row_bytes, int64_t n_rows,
+                    const void *const *acts, int64_t n_tokens, float *y, int64_t ldy) {
     const int64_t bytes = (int64_t)sizeof(block_q4_K);
     const uint8_t *rows[LANES];
     const __m512i offsets = numoe_tile_rows(w, row_bytes, n_rows, rows);
@@ -165,21 +164,17 @@ ALWAYS_INLINE void tile_16(int type, int64_t n, const uint8_t *w, int64_t row_by
     for (int64_t t = 0; t < n_tokens; t++) _mm512_mask_storeu_ps(y + t * ldy, valid, acc[t]);
 }
 
-#define DEFINE_KTILE(suffix, type)                                                             \
-    static void vec_dot_tile_##suffix(int64_t n, const void *w, int64_t row_bytes,              \
-                                      int64_t n_rows, const void *const *acts,                 \
-                                      int64_t n_tokens, float *y, int64_t ldy) {               \
-        for (int64_t r = 0; r < n_rows; r += LANES) {                                          \
-            const int64_t rows = n_rows - r < LANES ? n_rows - r : LANES;                      \
-            for (int64_t t = 0; t < n_tokens; t += MAX_TOKENS) {                               \
-                const int64_t tokens = n_tokens - t < MAX_TOKENS ? n_tokens - t : MAX_TOKENS;  \
-                tile_16(type, n, (const uint8_t *)w + r * row_bytes, row_bytes, rows,          \
-                        acts + t, tokens, y + t * ldy + r, ldy);                               \
-            }                                                                                  \
-        }                                                                                      \
+static void vec_dot_tile_q4_K(int64_t n, const void *w, int64_t row_bytes, int64_t n_rows,
+                              const void *const *acts, int64_t n_tokens, float *y, int64_t ldy) {
+    for (int64_t r = 0; r < n_rows; r += LANES) {
+        const int64_t rows = n_rows - r < LANES ? n_rows - r : LANES;
+        for (int64_t t = 0; t < n_tokens; t += MAX_TOKENS) {
+            const int64_t tokens = n_tokens - t < MAX_TOKENS ? n_tokens - t : MAX_TOKENS;
+            tile_16(n, (const uint8_t *)w + r * row_bytes, row_bytes, rows, acts + t, tokens,
+                    y + t * ldy + r, ldy);
+        }
     }
-
-DEFINE_KTILE(q4_K, NUMOE_TYPE_Q4_K)
+}
 
 #pragma GCC pop_options
 

@@ -103,10 +103,6 @@ ALWAYS_INLINE void load_block_16(int type, const uint8_t *const *rows, __m512i t
     numoe_transpose_16x8(z, t);
 }
 
-/* The fp16 scales d (the first field of every block type here) at base + offsets[r]. */
-ALWAYS_INLINE __m512 gather_scales(const uint8_t *base, __m512i offsets) {
-    return numoe_gather_half_lo(base, offsets);
-}
 
 /* Up to 16 rows x up to MAX_TOKENS tokens: y[t * ldy + r]. Rows past n_rows repeat row 0;
  * their lanes are computed and dropped. */
@@ -128,7 +124,7 @@ static void tile_16(int type, int64_t n, const uint8_t *w, int64_t row_bytes, in
         numoe_prefetch_span(next + b * slice, slice);
         __m512i t8[8];
         load_block_16(type, rows, t8);
-        const __m512 scales = gather_scales(w + b * bytes, offsets);
+        const __m512 scales = numoe_gather_half_lo(w + b * bytes, offsets);
         for (int r = 0; r < LANES; r++) rows[r] += bytes;
         for (int64_t t = 0; t < n_tokens; t++) {
             const block_q8a *a = (const block_q8a *)acts[t] + b;
