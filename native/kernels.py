@@ -220,6 +220,30 @@ def matmul_view(weight: WeightView, x: np.ndarray, rows_alone: bool = False) -> 
     return y
 
 
+def matmul_batched(weight: WeightView, x: np.ndarray, rows_alone: bool = False) -> np.ndarray:
+    """Per-head products over a stack W [n_batch, n_out, n_in] (MLA's attn_k_b / attn_v_b):
+    x [T, n_batch, n_in] (or [n_batch, n_in]) -> y [T, n_batch, n_out], y[t, b] = W[b] @ x[t, b],
+    in one native call. Head b's result is bit for bit matmul_view on W[b] and x[:, b] (with the
+    same rows_alone), whatever the thread count, so batching heads changes nothing."""
+    if len(weight.shape) != 3:
+        raise ValueError(f"matmul_batched: weight must be a stack [n_batch, n_out, n_in], got "
+                         f"{list(weight.shape)}")
+    n_batch, n_out, n_in = weight.shape
+    x = _as_f32(x)
+    if x.ndim not in (2, 3) or x.shape[-2:] != (n_batch, n_in):
+        raise ValueError(f"matmul_batched: x must be [T, {n_batch}, {n_in}] or "
+                         f"[{n_batch}, {n_in}] for weight {list(weight.shape)}, got "
+                         f"{list(x.shape)}")
+    y = np.empty(x.shape[:-1] + (n_out,), _F32)  # [T, n_batch, n_out] or [n_batch, n_out]
+    n_tokens = x.size // (n_batch * n_in)
+    if n_tokens:
+        status = lib.numoe_matmul_batched(weight.ggml_type, weight.pointer, n_batch, n_out, n_in,
+                                          ffi.from_buffer("float[]", x), n_tokens,
+                                          ffi.from_buffer("float[]", y), int(rows_alone))
+        _check_status(status, "matmul_batched")
+    return y
+
+
 def vec_dot_rows(ggml_type: int, weight: Any, n_out: int, n_in: int,
                  x: np.ndarray) -> np.ndarray:
     """Each row of weight [n_out, n_in] dotted with x [n_in] by the ISA's per-pair kernel,

@@ -122,3 +122,47 @@ def attention(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, k_cache: np.n
     )
     _check(status, "attention")
     return out
+
+
+def attention_latent(q: np.ndarray, latent_new: np.ndarray, cache_layer: np.ndarray, start: int,
+                     scale: float, value_dim: int, out: np.ndarray | None = None) -> np.ndarray:
+    """MLA (DeepSeek) absorbed attention of one layer: stores latent_new at positions
+    [start, start + T) of the latent cache, then attends the T queries causally to every cached
+    row -> [T, n_heads, value_dim].
+
+    One KV head shared by all query heads: a row's key is the whole cached latent row
+    [width = kv_lora + rope], its value the row's first value_dim (kv_lora) elements.
+    q [T, n_heads, width] (roped, not scaled) and latent_new [T, width] float32;
+    cache_layer [n_ctx, width] float32 or float16, written in place."""
+    cache_type = CACHE_TYPES.get(cache_layer.dtype)
+    if cache_type is None:
+        raise ValueError(f"attention_latent: the latent cache must be float32 or float16, got "
+                         f"{cache_layer.dtype}")
+    if cache_layer.ndim != 2:
+        raise ValueError(f"attention_latent: the cache must be one layer's [n_ctx, width], got "
+                         f"{list(cache_layer.shape)}")
+    n_ctx, width = cache_layer.shape
+    if q.ndim != 3 or q.shape[2] != width or latent_new.shape != (q.shape[0], width):
+        raise ValueError(f"attention_latent: q must be [T, n_heads, {width}] and latent_new "
+                         f"[T, {width}] for cache {list(cache_layer.shape)}; got q "
+                         f"{list(q.shape)}, latent_new {list(latent_new.shape)}")
+    n_tokens, n_heads, _ = q.shape
+    if not 0 < value_dim <= width:
+        raise ValueError(f"attention_latent: value_dim must be in [1, {width}] (the leading "
+                         f"kv_lora elements of a latent row), got {value_dim}")
+    if start < 0 or start + n_tokens > n_ctx:
+        raise ValueError(f"attention_latent: positions [{start}, {start + n_tokens}) must lie "
+                         f"within the cache's [0, {n_ctx})")
+    if out is None:
+        out = np.empty((n_tokens, n_heads, value_dim), np.float32)  # [T, n_heads, dv]
+    elif out.size != n_tokens * n_heads * value_dim:
+        raise ValueError(f"attention_latent: out {list(out.shape)} must hold "
+                         f"[{n_tokens}, {n_heads}, {value_dim}]")
+    status = lib.numoe_attention_latent(
+        _floats(q, "attention_latent q"), _floats(latent_new, "attention_latent latent_new"),
+        n_tokens, n_heads, width, value_dim, cache_type,
+        ffi.from_buffer(cache_layer, require_writable=True), n_ctx, start, scale,
+        _floats(out, "attention_latent out", writable=True),
+    )
+    _check(status, "attention_latent")
+    return out

@@ -112,6 +112,18 @@ int numoe_attention(const float *q, const float *k_new, const float *v_new, int6
                     int cache_type, void *k_cache, void *v_cache, int64_t n_ctx, int64_t start,
                     float scale, int64_t sliding_window, float *out);
 
+/* MLA (DeepSeek) absorbed attention: multi-query attention with one shared KV head whose key
+ * is the cached latent row and whose value is that row's first value_dim elements (llama.cpp's
+ * MLA cache layout: one row of width = kv_lora + rope values per token, no value cache).
+ *   q          [n_tokens, n_heads, width]   already roped, NOT scaled
+ *   latent_new [n_tokens, width]            stored into cache rows [start, start + n_tokens)
+ *   cache      [n_ctx, width]               cache_type NUMOE_TYPE_F32 or NUMOE_TYPE_F16
+ *   out        [n_tokens, n_heads, value_dim], value_dim <= width
+ * Causal: the query at position p1 sees keys p0 <= p1. Threads as numoe_attention. */
+int numoe_attention_latent(const float *q, const float *latent_new, int64_t n_tokens,
+                           int64_t n_heads, int64_t width, int64_t value_dim, int cache_type,
+                           void *cache, int64_t n_ctx, int64_t start, float scale, float *out);
+
 /* --- numa: thread pinning, memory binding, per-node bandwidth (src/numa.c; worker/numa.py) ---
  * Functions return 0 or a negative errno (e.g. -EPERM, -EINVAL) the kernel gave. */
 
@@ -179,6 +191,14 @@ int numoe_matmul_rows(int type, const void *weight, int64_t n_out, int64_t n_in,
  * every other path of numoe_matmul / numoe_matmul_rows reproduces bit for bit. For tests. */
 int numoe_vec_dot_rows(int type, const void *weight, int64_t n_out, int64_t n_in,
                        const float *x, float *y);
+/* Per-head products (MLA's attn_k_b / attn_v_b): weight is a stack [n_batch, n_out, n_in],
+ * matrix b starting at byte b * n_out * row_bytes; x [n_tokens, n_batch, n_in],
+ * y [n_tokens, n_batch, n_out] with y[t, b] = W_b @ x[t, b]. Head b's result is bit for bit
+ * numoe_matmul (rows_alone == 0) or numoe_matmul_rows (rows_alone != 0) on W_b and x[:, b],
+ * for any thread count. */
+int numoe_matmul_batched(int type, const void *weight, int64_t n_batch, int64_t n_out,
+                         int64_t n_in, const float *x, int64_t n_tokens, float *y,
+                         int rows_alone);
 int numoe_moe_rows(const float *x, int64_t n_tokens, int64_t n_embd,
                    const int32_t *expert_ids, const float *expert_weights, int64_t n_used,
                    int64_t n_experts, int64_t n_ff,

@@ -55,13 +55,16 @@ static int64_t act_row_bytes(int type, int64_t n_in) {
                                      : n_in * (int64_t)sizeof(float);
 }
 
+/* n_threads: the team size for this product (1 inside numoe_matmul_batched's per-head team).
+ * Threads only split output rows, so no result depends on it. */
 static void matvec(const numoe_kernel_table *table, int type, const uint8_t *weight,
-                   int64_t row_bytes, int64_t n_out, int64_t n_in, const void *act, float *y) {
-    const int parallel = n_out * row_bytes >= MIN_PARALLEL_BYTES;
+                   int64_t row_bytes, int64_t n_out, int64_t n_in, const void *act, float *y,
+                   int n_threads) {
+    const int parallel = n_threads > 1 && n_out * row_bytes >= MIN_PARALLEL_BYTES;
     const numoe_vec_dot_tile_fn tile_fn = table->vec_dot_tile[type];
     if (tile_fn != NULL) {  /* groups of rows that share one vector register per block */
         const int64_t n_groups = (n_out + TILE_GROUP_ROWS - 1) / TILE_GROUP_ROWS;
-#pragma omp parallel for num_threads(numoe_active_threads()) schedule(guided) if (parallel)
+#pragma omp parallel for num_threads(n_threads) schedule(guided) if (parallel)
         for (int64_t g = 0; g < n_groups; g++) {
             const int64_t r0 = g * TILE_GROUP_ROWS;
             const int64_t rows = n_out - r0 < TILE_GROUP_ROWS ? n_out - r0 : TILE_GROUP_ROWS;
@@ -70,13 +73,13 @@ static void matvec(const numoe_kernel_table *table, int type, const uint8_t *wei
         return;
     }
     const numoe_vec_dot_fn dot = table->vec_dot[type];
-#pragma omp parallel for num_threads(numoe_active_threads()) schedule(guided) if (parallel)
+#pragma omp parallel for num_threads(n_threads) schedule(guided) if (parallel)
     for (int64_t r = 0; r < n_out; r++) y[r] = dot(n_in, weight + r * row_bytes, act);
 }
 
 static void matmat(const numoe_kernel_table *table, int type, const uint8_t *weight,
                    int64_t row_bytes, int64_t n_out, int64_t n_in, const float *x,
-                   int64_t n_tokens, block_q8a *x_q8a, float *y) {
+                   int64_t n_tokens, block_q8a *x_q8a, float *y, int n_threads) {
     const numoe_vec_dot_fn dot = table->vec_dot[type];
     const numoe_vec_dot_tile_fn tile_fn = table->vec_dot_tile[type];
     const int64_t act_bytes = act_row_bytes(type, n_in);
@@ -84,9 +87,9 @@ static void matmat(const numoe_kernel_table *table, int type, const uint8_t *wei
     int64_t tokens_per_tile = ACT_TILE_BYTES / act_bytes;
     if (tokens_per_tile < 1) tokens_per_tile = 1;
     const int64_t n_row_tiles = (n_out + ROWS_PER_TILE - 1) / ROWS_PER_TILE;
-    const int parallel = n_out * row_bytes * n_tokens >= MIN_PARALLEL_BYTES;
+    const int parallel = n_threads > 1 && n_out * row_bytes * n_tokens >= MIN_PARALLEL_BYTES;
 
-#pragma omp parallel num_threads(numoe_active_threads()) if (parallel)
+#pragma omp parallel num_threads(n_threads) if (parallel)
     {
         if (x_q8a != NULL) {
 #pragma omp for schedule(static)
@@ -123,9 +126,8 @@ static void *alloc_floats(int64_t n) {
 /* Prompt path (see the top of the file). Returns NUMOE_EBADSHAPE if scratch is too large. */
 static int matmat_gemm(const numoe_kernel_table *table, int type, const uint8_t *weight,
                        int64_t row_bytes, int64_t n_out, int64_t n_in, const float *x,
-                       int64_t n_tokens, float *y) {
+                       int64_t n_tokens, float *y, int n_threads) {
     const numoe_gemm_kernel *kernel = numoe_active_gemm();
-    const int n_threads = numoe_active_threads();
     const int64_t scratch_floats = numoe_gemm_scratch_floats(n_in);
     float *xp = alloc_floats(numoe_gemm_packed_floats(kernel, n_tokens, n_in));
     float *scratch = alloc_floats(n_threads * scratch_floats);
@@ -136,7 +138,7 @@ static int matmat_gemm(const numoe_kernel_table *table, int type, const uint8_t 
     }
     numoe_gemm_pack(kernel, x, n_in, NULL, n_tokens, n_in, xp);
     const int64_t n_tiles = (n_out + NUMOE_GEMM_ROW_TILE - 1) / NUMOE_GEMM_ROW_TILE;
-    const int parallel = n_tiles > 1 && (double)n_out * n_in * n_tokens >= MIN_PARALLEL_BYTES;
+    const int parallel = n_threads > 1 && n_tiles > 1 && (double)n_out * n_in * n_tokens >= MIN_PARALLEL_BYTES;
 #pragma omp parallel num_threads(n_threads) if (parallel)
     {
         float *mine = scratch + omp_get_thread_num() * scratch_floats;
@@ -168,17 +170,19 @@ static int check_product(int type, const void *weight, int64_t n_out, int64_t n_
 
 /* allow_gemm == 0: every row takes the vec_dot path, so each row's result is what it would
  * be alone (numoe_matmul_rows). */
-static int matmul(int type, const void *weight, int64_t n_out, int64_t n_in, const float *x,
-                  int64_t n_tokens, float *y, int allow_gemm) {
-    int64_t row_bytes;
-    const int status = check_product(type, weight, n_out, n_in, x, y, &row_bytes);
-    if (status != NUMOE_OK) return status;
-    if (n_tokens < 0) return NUMOE_EBADSHAPE;
-    const numoe_kernel_table *table = numoe_active_table();
-    if (n_tokens == 0) return NUMOE_OK;
-    if (n_tokens > INT64_MAX / n_out || n_tokens > INT64_MAX / n_in) return NUMOE_EBADSHAPE;
+static int check_tokens(int64_t n_tokens, int64_t n_out, int64_t n_in) {
+    if (n_tokens < 0 || n_tokens > INT64_MAX / n_out || n_tokens > INT64_MAX / n_in)
+        return NUMOE_EBADSHAPE;
+    return NUMOE_OK;
+}
+
+/* The product on checked arguments (check_product, check_tokens, n_tokens > 0). */
+static int matmul_checked(const numoe_kernel_table *table, int type, const uint8_t *weight,
+                          int64_t row_bytes, int64_t n_out, int64_t n_in, const float *x,
+                          int64_t n_tokens, float *y, int allow_gemm, int n_threads) {
     if (allow_gemm && n_tokens >= numoe_gemm_min_tokens(type) && table->dequant[type] != NULL)
-        return matmat_gemm(table, type, weight, row_bytes, n_out, n_in, x, n_tokens, y);
+        return matmat_gemm(table, type, weight, row_bytes, n_out, n_in, x, n_tokens, y,
+                           n_threads);
 
     block_q8a *x_q8a = NULL;
     if (numoe_type_uses_q8a(type)) {
@@ -188,12 +192,22 @@ static int matmul(int type, const void *weight, int64_t n_out, int64_t n_in, con
     if (n_tokens == 1) {
         if (x_q8a != NULL) table->quantize_act(n_in, x, x_q8a);
         matvec(table, type, weight, row_bytes, n_out, n_in,
-               x_q8a != NULL ? (const void *)x_q8a : (const void *)x, y);
+               x_q8a != NULL ? (const void *)x_q8a : (const void *)x, y, n_threads);
     } else {
-        matmat(table, type, weight, row_bytes, n_out, n_in, x, n_tokens, x_q8a, y);
+        matmat(table, type, weight, row_bytes, n_out, n_in, x, n_tokens, x_q8a, y, n_threads);
     }
     free(x_q8a);
     return NUMOE_OK;
+}
+
+static int matmul(int type, const void *weight, int64_t n_out, int64_t n_in, const float *x,
+                  int64_t n_tokens, float *y, int allow_gemm) {
+    int64_t row_bytes;
+    int status = check_product(type, weight, n_out, n_in, x, y, &row_bytes);
+    if (status == NUMOE_OK) status = check_tokens(n_tokens, n_out, n_in);
+    if (status != NUMOE_OK || n_tokens == 0) return status;
+    return matmul_checked(numoe_active_table(), type, weight, row_bytes, n_out, n_in, x,
+                          n_tokens, y, allow_gemm, numoe_active_threads());
 }
 
 int numoe_matmul(int type, const void *weight, int64_t n_out, int64_t n_in, const float *x,
@@ -224,4 +238,70 @@ int numoe_vec_dot_rows(int type, const void *weight, int64_t n_out, int64_t n_in
     for (int64_t r = 0; r < n_out; r++) y[r] = table->vec_dot[type](n_in, rows + r * row_bytes, act);
     free(x_q8a);
     return NUMOE_OK;
+}
+
+/* Per-head products (MLA's attn_k_b / attn_v_b): y[t, b] = W_b @ x[t, b] for a stack of
+ * n_batch matrices. Each head's x[:, b] is gathered into contiguous rows and run through the
+ * same product numoe_matmul (_rows) would run on it alone, so every head's result is that
+ * call's, bit for bit. The heads are small (e.g. 512 x 128): with enough of them, one team
+ * splits the heads and each head's product runs on one thread, instead of a fork/join per
+ * head. Neither split changes a result (threads only ever divide output rows). */
+static int matmul_batched_heads(const numoe_kernel_table *table, int type, const uint8_t *weight,
+                                int64_t row_bytes, int64_t n_batch, int64_t n_out, int64_t n_in,
+                                const float *x, int64_t n_tokens, float *y, int allow_gemm,
+                                int n_threads, int heads_parallel) {
+    const int64_t matrix_bytes = n_out * row_bytes;
+    int status = NUMOE_OK;
+#pragma omp parallel num_threads(n_threads) if (heads_parallel)
+    {
+        /* This thread's head rows: x_b [T, n_in] and y_b [T, n_out]. */
+        float *x_b = malloc((size_t)(n_tokens * (n_in + n_out)) * sizeof(float));
+        float *y_b = x_b != NULL ? x_b + n_tokens * n_in : NULL;
+        if (x_b == NULL) {
+#pragma omp atomic write
+            status = NUMOE_EBADSHAPE;
+        }
+        /* Dynamic: the machine is shared, and a late thread should not hold the others. */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t b = 0; b < n_batch; b++) {
+            if (x_b == NULL) continue;
+            for (int64_t t = 0; t < n_tokens; t++) {
+                const float *from = x + (t * n_batch + b) * n_in;
+                for (int64_t i = 0; i < n_in; i++) x_b[t * n_in + i] = from[i];
+            }
+            const int head_status =
+                matmul_checked(table, type, weight + b * matrix_bytes, row_bytes, n_out, n_in,
+                               x_b, n_tokens, y_b, allow_gemm, heads_parallel ? 1 : n_threads);
+            if (head_status != NUMOE_OK) {
+#pragma omp atomic write
+                status = head_status;
+                continue;
+            }
+            for (int64_t t = 0; t < n_tokens; t++) {
+                float *to = y + (t * n_batch + b) * n_out;
+                for (int64_t o = 0; o < n_out; o++) to[o] = y_b[t * n_out + o];
+            }
+        }
+        free(x_b);
+    }
+    return status;
+}
+
+int numoe_matmul_batched(int type, const void *weight, int64_t n_batch, int64_t n_out,
+                         int64_t n_in, const float *x, int64_t n_tokens, float *y,
+                         int rows_alone) {
+    int64_t row_bytes;
+    int status = check_product(type, weight, n_out, n_in, x, y, &row_bytes);
+    if (status == NUMOE_OK) status = check_tokens(n_tokens, n_out, n_in);
+    if (status != NUMOE_OK) return status;
+    if (n_batch <= 0 || n_batch > INT64_MAX / (n_out * row_bytes) ||
+        (n_tokens > 0 && n_batch > INT64_MAX / n_tokens / (n_in > n_out ? n_in : n_out)))
+        return NUMOE_EBADSHAPE;
+    if (n_tokens == 0) return NUMOE_OK;
+    const int n_threads = numoe_active_threads();
+    /* Split heads when every thread gets at least one and the whole is worth a fork. */
+    const int heads_parallel = n_threads > 1 && n_batch >= n_threads &&
+        (double)n_batch * n_out * row_bytes * n_tokens >= MIN_PARALLEL_BYTES;
+    return matmul_batched_heads(numoe_active_table(), type, weight, row_bytes, n_batch, n_out,
+                                n_in, x, n_tokens, y, !rows_alone, n_threads, heads_parallel);
 }

@@ -11,7 +11,11 @@
  * KV cache of one layer, head-major: keys [n_kv_heads, n_ctx, head_dim], values
  * [n_kv_heads, n_ctx, value_dim], float32 or float16 (NUMOE_TYPE_F32 / NUMOE_TYPE_F16).
  * New rows are rounded to the cache type when stored, and attention reads them back from
- * the cache, so a token sees its own key exactly as later tokens will. */
+ * the cache, so a token sees its own key exactly as later tokens will.
+ *
+ * MLA (DeepSeek) latent cache of one layer: [n_ctx, width = kv_lora + rope], one row per
+ * token and no value cache; numoe_attention_latent reads a row as the key of one shared KV
+ * head and its first kv_lora elements as the value (attend_one's value_stride). */
 /* Included before any target pragma (see kernels_avx2.c). */
 #include <immintrin.h>
 #include <math.h>
@@ -262,10 +266,14 @@ static void store_rows(int cache_type, void *cache, const float *src, int64_t n_
     }
 }
 
-/* One query row against keys [first, last] of its KV head -> out [value_dim]. */
+/* One query row against keys [first, last] of its KV head -> out [value_dim]. Key p starts at
+ * keys + p * head_dim, value p at values + p * value_stride (elements): value_stride is
+ * value_dim for a separate value cache, and the latent row width for MLA, whose values are
+ * the first value_dim elements of the key rows themselves. */
 static void attend_one(const ops_kernels *k, const float *q, const void *keys,
                        const void *values, int cache_type, int64_t head_dim, int64_t value_dim,
-                       int64_t first, int64_t last, float scale, float *scores, float *out) {
+                       int64_t value_stride, int64_t first, int64_t last, float scale,
+                       float *scores, float *out) {
     const int64_t n_keys = last - first + 1;
     float max_score = -INFINITY;
     for (int64_t j = 0; j < n_keys; j++) {
@@ -286,29 +294,21 @@ static void attend_one(const ops_kernels *k, const float *q, const void *keys,
     for (int64_t j = 0; j < n_keys; j++) {
         const int64_t p = first + j;
         if (cache_type == NUMOE_TYPE_F32)
-            k->axpy_f32(value_dim, scores[j] * inv_sum, (const float *)values + p * value_dim, out);
+            k->axpy_f32(value_dim, scores[j] * inv_sum,
+                        (const float *)values + p * value_stride, out);
         else
-            k->axpy_f16(value_dim, scores[j] * inv_sum, (const numoe_half *)values + p * value_dim,
-                        out);
+            k->axpy_f16(value_dim, scores[j] * inv_sum,
+                        (const numoe_half *)values + p * value_stride, out);
     }
 }
 
-int numoe_attention(const float *q, const float *k_new, const float *v_new, int64_t n_tokens,
-                    int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t value_dim,
-                    int cache_type, void *k_cache, void *v_cache, int64_t n_ctx, int64_t start,
-                    float scale, int64_t sliding_window, float *out) {
-    if (q == NULL || k_new == NULL || v_new == NULL || k_cache == NULL || v_cache == NULL ||
-        out == NULL)
-        return NUMOE_EBADARG;
-    if (cache_type != NUMOE_TYPE_F32 && cache_type != NUMOE_TYPE_F16) return NUMOE_EBADTYPE;
-    if (n_tokens < 0 || n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads ||
-        head_dim <= 0 || value_dim <= 0 || start < 0 || n_ctx <= 0 || start + n_tokens > n_ctx ||
-        sliding_window < 0)
-        return NUMOE_EBADSHAPE;
-    if (n_tokens == 0) return NUMOE_OK;
-    store_rows(cache_type, k_cache, k_new, n_tokens, n_kv_heads, n_ctx, head_dim, start);
-    store_rows(cache_type, v_cache, v_new, n_tokens, n_kv_heads, n_ctx, value_dim, start);
-
+/* Every (token, head) pair of new tokens against the cache, rows already stored. KV head kv's
+ * keys start kv * n_ctx * head_dim elements into k_cache, its values kv * n_ctx * value_stride
+ * into v_cache. */
+static int attend_all(const float *q, int cache_type, const void *k_cache, const void *v_cache,
+                      int64_t n_tokens, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                      int64_t value_dim, int64_t value_stride, int64_t n_ctx, int64_t start,
+                      float scale, int64_t sliding_window, float *out) {
     const ops_kernels *k = active_ops();
     const int64_t group = n_heads / n_kv_heads;  /* query heads per KV head */
     const int64_t elem = cache_type == NUMOE_TYPE_F32 ? 4 : 2;
@@ -334,11 +334,48 @@ int numoe_attention(const float *q, const float *k_new, const float *v_new, int6
             const int64_t first =
                 sliding_window > 0 && pos - sliding_window + 1 > 0 ? pos - sliding_window + 1 : 0;
             const uint8_t *keys = (const uint8_t *)k_cache + kv * n_ctx * head_dim * elem;
-            const uint8_t *values = (const uint8_t *)v_cache + kv * n_ctx * value_dim * elem;
+            const uint8_t *values = (const uint8_t *)v_cache + kv * n_ctx * value_stride * elem;
             attend_one(k, q + item * head_dim, keys, values, cache_type, head_dim, value_dim,
-                       first, pos, scale, scores, out + item * value_dim);
+                       value_stride, first, pos, scale, scores, out + item * value_dim);
         }
         free(scores);
     }
     return status;
+}
+
+int numoe_attention(const float *q, const float *k_new, const float *v_new, int64_t n_tokens,
+                    int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t value_dim,
+                    int cache_type, void *k_cache, void *v_cache, int64_t n_ctx, int64_t start,
+                    float scale, int64_t sliding_window, float *out) {
+    if (q == NULL || k_new == NULL || v_new == NULL || k_cache == NULL || v_cache == NULL ||
+        out == NULL)
+        return NUMOE_EBADARG;
+    if (cache_type != NUMOE_TYPE_F32 && cache_type != NUMOE_TYPE_F16) return NUMOE_EBADTYPE;
+    if (n_tokens < 0 || n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads ||
+        head_dim <= 0 || value_dim <= 0 || start < 0 || n_ctx <= 0 || start + n_tokens > n_ctx ||
+        sliding_window < 0)
+        return NUMOE_EBADSHAPE;
+    if (n_tokens == 0) return NUMOE_OK;
+    store_rows(cache_type, k_cache, k_new, n_tokens, n_kv_heads, n_ctx, head_dim, start);
+    store_rows(cache_type, v_cache, v_new, n_tokens, n_kv_heads, n_ctx, value_dim, start);
+
+    return attend_all(q, cache_type, k_cache, v_cache, n_tokens, n_heads, n_kv_heads, head_dim,
+                      value_dim, value_dim, n_ctx, start, scale, sliding_window, out);
+}
+
+/* MLA (DeepSeek) absorbed attention: one shared KV head whose key is the cached latent row
+ * [width = kv_lora + rope] and whose value is that row's first value_dim (kv_lora) elements,
+ * so the cache holds each token once (llama.cpp's MLA layout). */
+int numoe_attention_latent(const float *q, const float *latent_new, int64_t n_tokens,
+                           int64_t n_heads, int64_t width, int64_t value_dim, int cache_type,
+                           void *cache, int64_t n_ctx, int64_t start, float scale, float *out) {
+    if (q == NULL || latent_new == NULL || cache == NULL || out == NULL) return NUMOE_EBADARG;
+    if (cache_type != NUMOE_TYPE_F32 && cache_type != NUMOE_TYPE_F16) return NUMOE_EBADTYPE;
+    if (n_tokens < 0 || n_heads <= 0 || width <= 0 || value_dim <= 0 || value_dim > width ||
+        start < 0 || n_ctx <= 0 || start + n_tokens > n_ctx)
+        return NUMOE_EBADSHAPE;
+    if (n_tokens == 0) return NUMOE_OK;
+    store_rows(cache_type, cache, latent_new, n_tokens, 1, n_ctx, width, start);
+    return attend_all(q, cache_type, cache, cache, n_tokens, n_heads, 1, width, value_dim, width,
+                      n_ctx, start, scale, 0, out);
 }
