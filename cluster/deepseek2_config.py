@@ -1,8 +1,9 @@
 """GGUF metadata of llama.cpp's `deepseek2` architecture (DeepSeek-V2/V3/R1, Kimi-K2) ->
 ModelConfig.
 
-Not wired into load_model_spec yet: numoe has no MLA forward pass, so loading a deepseek2 file
-is still refused there as an unsupported architecture. The key names and defaults follow
+cluster.model.load_model_spec calls it for deepseek2 files, and cluster.catalog for its built-in
+DeepSeek / Kimi descriptions (from the header the converter would write), so a description and a
+real file are read by the same code. The key names and defaults follow
 llama.cpp (src/models/deepseek2.cpp load_arch_hparams, src/llama-model.cpp load_hparams,
 src/llama-context.cpp for YaRN), and the meaning of each value follows the converter
 (conversion/deepseek.py DeepseekV2Model.set_gguf_parameters):

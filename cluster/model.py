@@ -1,9 +1,9 @@
 """GGUF metadata -> ModelConfig, and the tensor index checked against it.
 
 `load_model_spec(gguf)` is the single place that interprets a model file: it reads the
-hyper-parameters for the architectures numoe runs (qwen3moe, qwen3, gemma3), then checks that
-every tensor the forward pass needs is present, has the shape the metadata implies and a quant
-type numoe has kernels for. Everything downstream (runner, placement) reads the frozen config and
+hyper-parameters for the architectures numoe runs (qwen3moe, qwen3, gemma3, and deepseek2
+through cluster/deepseek2_config.py), then checks that every tensor the forward pass needs is
+present, has the shape the metadata implies and a quant type numoe has kernels for. Everything downstream (runner, placement) reads the frozen config and
 never re-derives it from metadata. Conventions follow llama.cpp, the reference implementation
 for GGUF files: shapes are numpy order ([n_out, n_in] for weights).
 """
@@ -11,6 +11,7 @@ for GGUF files: shapes are numpy order ([n_out, n_in] for weights).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -23,7 +24,10 @@ from cluster.errors import (
 )
 from cluster.gguf import GGML_TYPE_NAMES, SUPPORTED_TYPES, GGUFFile, TensorInfo
 
-SUPPORTED_ARCHITECTURES = ("qwen3moe", "qwen3", "gemma3")
+SUPPORTED_ARCHITECTURES = ("qwen3moe", "qwen3", "gemma3", "deepseek2")
+# The two ways a deepseek2 file stores MLA's per-head up-projections: llama.cpp's converter
+# writes attn_k_b + attn_v_b since May 2025; older files hold the combined attn_kv_b.
+MLA_SPLIT, MLA_KV_B = "split", "kv_b"
 
 # Gemma 3: every 6th layer attends globally, the others through a sliding window (llama.cpp's
 # load_swa_pattern(ml, 6) default when the file has no sliding_window_pattern key).
@@ -90,8 +94,8 @@ class ModelConfig:
     has_qk_norm: bool  # RMSNorm over each head of q and k before RoPE
     has_post_norms: bool  # Gemma: RMSNorm on the attention and FFN outputs before the residual
     tied_output: bool  # LM head reuses token_embd.weight (no output.weight tensor)
-    # Optional (defaults keep every constructor above valid). Set by cluster.catalog for the
-    # families numoe can plan but not run yet (deepseek2, glm4moe).
+    # Optional (defaults keep every constructor above valid): deepseek2 (DeepSeek, Kimi) and
+    # cluster.catalog's glm4moe, which numoe can plan but not run yet.
     n_dense_layers: int = 0  # leading layers with a dense FFN in an MoE model (first_k_dense)
     n_shared_experts: int = 0  # always-on experts per MoE layer (ffn_*_shexp tensors)
     q_lora_rank: int = 0  # MLA: rank of the compressed query (0 = one plain q projection)
@@ -122,6 +126,15 @@ class ModelConfig:
         return self.n_kv_heads * (self.head_dim + self.value_head_dim)
 
     @property
+    def mla_nope_dim(self) -> int:
+        """MLA: per-head query/key dimensions without position (qk_nope_head_dim)."""
+        return self.head_dim - self.qk_rope_head_dim
+
+    def layer_is_moe(self, layer: int) -> bool:
+        """Whether `layer` has routed experts (DeepSeek's first layers are dense)."""
+        return self.is_moe and layer >= self.n_dense_layers
+
+    @property
     def q_width(self) -> int:
         return self.n_heads * self.head_dim
 
@@ -139,8 +152,13 @@ TensorMap = dict[str, TensorInfo]  # canonical GGUF tensor name -> info; "output
 def load_model_spec(gguf: GGUFFile) -> tuple[ModelConfig, TensorMap]:
     """Read the ModelConfig from `gguf` and check every tensor it needs (names, shapes, types)."""
     config = _read_config(gguf.metadata, gguf.tensors)
-    tensors = _check_tensors(config, gguf.tensors)
+    tensors = _check_tensors(config, gguf.tensors, mla_layout_of(gguf.tensors))
     return config, tensors
+
+
+def mla_layout_of(tensors: Mapping[str, Any]) -> str:
+    """MLA_KV_B when the file holds the combined attn_kv_b tensors, else MLA_SPLIT."""
+    return MLA_KV_B if "blk.0.attn_kv_b.weight" in tensors else MLA_SPLIT
 
 
 # --- metadata -------------------------------------------------------------------------------
@@ -186,6 +204,13 @@ def _read_config(metadata: dict[str, Any], tensors: dict[str, TensorInfo]) -> Mo
             f"model architecture {arch!r} (general.architecture) is not supported; numoe runs "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}: use a model of one of these families"
         )
+    if arch == "deepseek2":
+        # Imported here: cluster.deepseek2_config builds on this module's types.
+        from cluster.deepseek2_config import read_deepseek2_config  # noqa: PLC0415
+
+        if "token_embd.weight" not in tensors:
+            raise TensorShapeError(_MISSING_EMBEDDING)
+        return read_deepseek2_config(metadata, tensors)
     meta = _Metadata(metadata, arch)
     n_layers = meta.integer("block_count")
     n_embd = meta.integer("embedding_length")
@@ -211,10 +236,7 @@ def _read_config(metadata: dict[str, Any], tensors: dict[str, TensorInfo]) -> Mo
 
     token_embd = tensors.get("token_embd.weight")
     if token_embd is None:
-        raise TensorShapeError(
-            "tensor 'token_embd.weight' is missing; every model needs its token embeddings: "
-            "re-convert the model with llama.cpp's convert_hf_to_gguf.py"
-        )
+        raise TensorShapeError(_MISSING_EMBEDDING)
     vocab_size = token_embd.shape[0] if len(token_embd.shape) == 2 else -1
     declared_vocab = meta.get("vocab_size")
     if declared_vocab is not None and int(declared_vocab) != vocab_size:
@@ -252,7 +274,7 @@ def _read_config(metadata: dict[str, Any], tensors: dict[str, TensorInfo]) -> Mo
         expert_weights_scale=float(meta.get("expert_weights_scale", 1.0)) if is_moe else 1.0,
         ffn_activation="gelu_tanh" if is_gemma else "silu",
         norm_eps=float(meta.require("attention.layer_norm_rms_epsilon")),
-        rope_style=RopeStyle.NEOX,  # llama.cpp: LLAMA_ROPE_TYPE_NEOX for all three families
+        rope_style=RopeStyle.NEOX,  # llama.cpp: LLAMA_ROPE_TYPE_NEOX for these three
         rope_theta=rope_theta,
         rope_theta_sliding=rope_theta_sliding,
         rope_freq_scale=_rope_freq_scale(meta),
@@ -268,6 +290,10 @@ def _read_config(metadata: dict[str, Any], tensors: dict[str, TensorInfo]) -> Mo
         has_post_norms=is_gemma,
         tied_output="output.weight" not in tensors,
     )
+
+
+_MISSING_EMBEDDING = ("tensor 'token_embd.weight' is missing; every model needs its token "
+                      "embeddings: re-convert the model with llama.cpp's convert_hf_to_gguf.py")
 
 
 def _attention_scale(is_gemma: bool, n_layers: int, n_embd: int, n_heads: int,
@@ -308,8 +334,10 @@ def _rope_freq_scale(meta: _Metadata) -> float:
 # --- tensor index ---------------------------------------------------------------------------
 
 
-def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the forward pass reads, with its numpy-order shape implied by `config`."""
+def expected_tensor_shapes(config: ModelConfig, mla_layout: str = MLA_SPLIT
+                           ) -> dict[str, tuple[int, ...]]:
+    """Every tensor the forward pass reads, with its numpy-order shape implied by `config`.
+    `mla_layout` says which form a deepseek2 file stores MLA's up-projections in."""
     c = config
     shapes: dict[str, tuple[int, ...]] = {
         "token_embd.weight": (c.vocab_size, c.n_embd),
@@ -320,10 +348,13 @@ def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     for layer in range(c.n_layers):
         p = f"blk.{layer}."
         shapes[p + "attn_norm.weight"] = (c.n_embd,)
-        shapes[p + "attn_q.weight"] = (c.q_width, c.n_embd)
-        shapes[p + "attn_k.weight"] = (c.kv_width, c.n_embd)
-        shapes[p + "attn_v.weight"] = (c.n_kv_heads * c.value_head_dim, c.n_embd)
-        shapes[p + "attn_output.weight"] = (c.n_embd, c.n_heads * c.value_head_dim)
+        if c.is_mla:
+            shapes.update(_mla_shapes(p, c, mla_layout))
+        else:
+            shapes[p + "attn_q.weight"] = (c.q_width, c.n_embd)
+            shapes[p + "attn_k.weight"] = (c.kv_width, c.n_embd)
+            shapes[p + "attn_v.weight"] = (c.n_kv_heads * c.value_head_dim, c.n_embd)
+            shapes[p + "attn_output.weight"] = (c.n_embd, c.n_heads * c.value_head_dim)
         if c.has_qk_norm:
             shapes[p + "attn_q_norm.weight"] = (c.head_dim,)
             shapes[p + "attn_k_norm.weight"] = (c.head_dim,)
@@ -331,11 +362,18 @@ def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         if c.has_post_norms:
             shapes[p + "post_attention_norm.weight"] = (c.n_embd,)
             shapes[p + "post_ffw_norm.weight"] = (c.n_embd,)
-        if c.is_moe:
+        if c.layer_is_moe(layer):
             shapes[p + "ffn_gate_inp.weight"] = (c.n_experts, c.n_embd)
+            if c.expert_gating is ExpertGating.SIGMOID:
+                shapes[p + "exp_probs_b.bias"] = (c.n_experts,)
             shapes[p + "ffn_gate_exps.weight"] = (c.n_experts, c.n_ff_expert, c.n_embd)
             shapes[p + "ffn_up_exps.weight"] = (c.n_experts, c.n_ff_expert, c.n_embd)
             shapes[p + "ffn_down_exps.weight"] = (c.n_experts, c.n_embd, c.n_ff_expert)
+            if c.n_shared_experts:
+                shared = c.n_ff_expert * c.n_shared_experts
+                shapes[p + "ffn_gate_shexp.weight"] = (shared, c.n_embd)
+                shapes[p + "ffn_up_shexp.weight"] = (shared, c.n_embd)
+                shapes[p + "ffn_down_shexp.weight"] = (c.n_embd, shared)
         else:
             shapes[p + "ffn_gate.weight"] = (c.n_ff, c.n_embd)
             shapes[p + "ffn_up.weight"] = (c.n_ff, c.n_embd)
@@ -343,9 +381,31 @@ def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_tensors(config: ModelConfig, tensors: dict[str, TensorInfo]) -> TensorMap:
+def _mla_shapes(p: str, c: ModelConfig, mla_layout: str) -> dict[str, tuple[int, ...]]:
+    """deepseek2 attention tensors of layer prefix `p` (llama.cpp's names, numpy order)."""
+    heads, nope, rope = c.n_heads, c.mla_nope_dim, c.qk_rope_head_dim
+    shapes: dict[str, tuple[int, ...]] = {}
+    if c.q_lora_rank:
+        shapes[p + "attn_q_a.weight"] = (c.q_lora_rank, c.n_embd)
+        shapes[p + "attn_q_a_norm.weight"] = (c.q_lora_rank,)
+        shapes[p + "attn_q_b.weight"] = (heads * c.head_dim, c.q_lora_rank)
+    else:  # DeepSeek-V2-Lite: one full-rank query projection
+        shapes[p + "attn_q.weight"] = (heads * c.head_dim, c.n_embd)
+    shapes[p + "attn_kv_a_mqa.weight"] = (c.kv_lora_rank + rope, c.n_embd)
+    shapes[p + "attn_kv_a_norm.weight"] = (c.kv_lora_rank,)
+    if mla_layout == MLA_KV_B:
+        shapes[p + "attn_kv_b.weight"] = (heads * (nope + c.value_head_dim), c.kv_lora_rank)
+    else:
+        shapes[p + "attn_k_b.weight"] = (heads, c.kv_lora_rank, nope)
+        shapes[p + "attn_v_b.weight"] = (heads, c.value_head_dim, c.kv_lora_rank)
+    shapes[p + "attn_output.weight"] = (c.n_embd, heads * c.value_head_dim)
+    return shapes
+
+
+def _check_tensors(config: ModelConfig, tensors: dict[str, TensorInfo],
+                   mla_layout: str = MLA_SPLIT) -> TensorMap:
     checked: TensorMap = {}
-    for name, expected in expected_tensor_shapes(config).items():
+    for name, expected in expected_tensor_shapes(config, mla_layout).items():
         info = tensors.get(name)
         if info is None:
             raise TensorShapeError(

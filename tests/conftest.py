@@ -27,6 +27,14 @@ def tiny_qwen3() -> TinyModel:
 
 
 @pytest.fixture(scope="session")
+def tiny_deepseek() -> TinyModel:
+    """A tiny random DeepseekV3ForCausalLM and its GGUFs (tests/reference/tiny_deepseek.py)."""
+    from tests.reference.tiny_deepseek import tiny_deepseek as build  # noqa: PLC0415
+
+    return build()
+
+
+@pytest.fixture(scope="session")
 def gemma3_path() -> Path:
     """The real Gemma 3 270M Q4_K_M GGUF, assembled from its PyPI packages."""
     if importlib.util.find_spec("cluster.default_model") is not None:

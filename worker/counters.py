@@ -15,7 +15,7 @@ import numpy as np
 from worker.backends.base import Activation, Backend, WeightData
 
 if TYPE_CHECKING:
-    from worker.layers.attention import KVCache
+    from worker.layers.attention import KVCache, LatentCache
     from worker.layers.rope import RopeTable
 
 
@@ -130,5 +130,24 @@ class TimedBackend(Backend):
                   layer: int, start: int, scale: float, sliding_window: int) -> np.ndarray:
         started = perf_counter()
         out = self.inner.attention(q, k_new, v_new, cache, layer, start, scale, sliding_window)
+        self.counters.kernel_seconds += perf_counter() - started
+        return out
+
+    def matmul_heads(self, weight: Any, x: np.ndarray) -> np.ndarray:
+        started = perf_counter()
+        out = self.inner.matmul_heads(weight, x)
+        self.counters.kernel_seconds += perf_counter() - started
+        return out
+
+    def matmul_heads_rows(self, weight: Any, x: np.ndarray) -> np.ndarray:
+        started = perf_counter()
+        out = self.inner.matmul_heads_rows(weight, x)
+        self.counters.kernel_seconds += perf_counter() - started
+        return out
+
+    def attention_latent(self, q: np.ndarray, latent_new: np.ndarray, cache: LatentCache,
+                         layer: int, start: int, scale: float, value_dim: int) -> np.ndarray:
+        started = perf_counter()
+        out = self.inner.attention_latent(q, latent_new, cache, layer, start, scale, value_dim)
         self.counters.kernel_seconds += perf_counter() - started
         return out

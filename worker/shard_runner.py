@@ -37,13 +37,14 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from cluster.errors import NumoeError, UnsupportedArchitectureError
-from cluster.model import SUPPORTED_ARCHITECTURES, ModelConfig
+from cluster.model import MLA_KV_B, MLA_SPLIT, SUPPORTED_ARCHITECTURES, ModelConfig
 from cluster.placement import OUTPUT, OUTPUT_NORM, TOKEN_EMBEDDING, Plan, Shard
 from cluster.protocol import ReduceSite
 from worker.backends.base import Backend, WeightData
 from worker.batch import Span, chunk_spans
 from worker.counters import TimedBackend, WorkerCounters
-from worker.layers.attention import KVCache
+from worker.latent_attention import MlaAttention, MlaWeightHandles, load_mla
+from worker.layers.attention import KVCache, LatentCache
 from worker.layers.ffn import RouterConfig, local_expert_ids, route
 from worker.layers.rope import RopeTable
 from worker.shard_loader import shard_shape
@@ -52,10 +53,11 @@ from worker.shard_loader import shard_shape
 # (the caller binds the step id).
 AllReduceFn = Callable[[np.ndarray, ReduceSite, int], np.ndarray]
 
-# LayerWeights field -> the GGUF name of its vector in blk.N. (norms and the router).
-_LAYER_VECTORS = {"attn_norm": "attn_norm", "q_norm": "attn_q_norm", "k_norm": "attn_k_norm",
-                  "post_attn_norm": "post_attention_norm", "ffn_norm": "ffn_norm",
-                  "post_ffn_norm": "post_ffw_norm", "router": "ffn_gate_inp"}
+# LayerWeights field -> the GGUF name of its vector in blk.N. (norms, the router and its bias).
+_LAYER_VECTORS = {"attn_norm": "attn_norm.weight", "q_norm": "attn_q_norm.weight",
+                  "k_norm": "attn_k_norm.weight", "post_attn_norm": "post_attention_norm.weight",
+                  "ffn_norm": "ffn_norm.weight", "post_ffn_norm": "post_ffw_norm.weight",
+                  "router": "ffn_gate_inp.weight", "router_bias": "exp_probs_b.bias"}
 _REQUIRED_VECTORS = ("attn_norm", "ffn_norm")
 
 
@@ -83,6 +85,11 @@ class FfnWeights:
     # Dense: bytes of gate, up and down (all read per forward). Routed: one local expert's
     # bytes (each distinct expert a step uses is read once).
     n_bytes: int
+    routed: bool  # routed experts (else a dense FFN)
+    # Shared experts beside the routed ones (DeepSeek: ffn_*_shexp), this rank's slice of
+    # their intermediate dimension as (gate, up, down), read by every token.
+    shared: tuple[Any, Any, Any] | None = None
+    shared_bytes: int = 0
 
 
 @dataclass
@@ -94,7 +101,8 @@ class LayerWeights:
     ffn_norm: np.ndarray  # [H]
     post_ffn_norm: np.ndarray | None  # [H] (Gemma)
     router: np.ndarray | None  # [E, H] (MoE)
-    attention: AttentionWeights | None  # None: the block is pinned to another rank
+    router_bias: np.ndarray | None  # [E]: DeepSeek-V3's score-correction bias (exp_probs_b)
+    attention: AttentionWeights | MlaWeightHandles | None  # None: pinned to another rank
     ffn: FfnWeights | None  # None: the block is pinned to another rank
     split_attention: bool  # all-reduce the attention output over the stage
     split_ffn: bool  # all-reduce the FFN output over the stage
@@ -151,22 +159,36 @@ class ShardRunner:
             self.output_norm = self._loader.vector(OUTPUT_NORM)
             self.lm_head, self.lm_head_bytes = self._lm_head()
 
+        self.mla_layout = MLA_KV_B if any(
+            t.name.endswith("attn_kv_b.weight") for t in plan.tensors) else MLA_SPLIT
         self.layers = [self._layer_weights(layer) for layer in self.layer_range]
-        self.router_config = RouterConfig(config.n_experts_used, config.expert_weights_norm,
-                                          config.expert_weights_scale)
-        kv_heads = [w.attention.n_kv_heads if w.attention else 0 for w in self.layers]
-        self.caches = [KVCache(kv_heads, n_ctx, config.head_dim, config.value_head_dim,
-                               cache_dtype) for _ in range(n_slots)]
+        self.router_config = RouterConfig(
+            config.n_experts_used, config.expert_weights_norm, config.expert_weights_scale,
+            config.expert_gating, config.n_expert_groups, config.n_expert_groups_used)
+        self.caches: list[KVCache] | list[LatentCache]
+        self.mla: MlaAttention | None = None
+        if config.is_mla:
+            held = [w.attention is not None for w in self.layers]
+            self.caches = [LatentCache(held, n_ctx, config.kv_cache_width, cache_dtype)
+                           for _ in range(n_slots)]
+            self.mla = MlaAttention(config, self.backend, RopeTable(
+                config.rope_theta, config.rope_freq_scale, config.qk_rope_head_dim, n_ctx,
+                config.rope_style, backend.dtype, config.rope_yarn))
+        else:
+            kv_heads = [w.attention.n_kv_heads if w.attention else 0  # type: ignore[union-attr]
+                        for w in self.layers]
+            self.caches = [KVCache(kv_heads, n_ctx, config.head_dim, config.value_head_dim,
+                                   cache_dtype) for _ in range(n_slots)]
         # One table per distinct RoPE base, shared by the layers that use it.
         tables: dict[float, RopeTable] = {}
         self.rope: list[RopeTable] = []
         self.windows: list[int] = []
         for layer in self.layer_range:
             base = config.rope_theta_for_layer(layer)
-            if base not in tables:
+            if base not in tables and not config.is_mla:
                 tables[base] = RopeTable(base, config.rope_freq_scale, config.head_dim, n_ctx,
                                          config.rope_style, backend.dtype)
-            self.rope.append(tables[base])
+            self.rope.append(tables.get(base))  # type: ignore[arg-type]
             self.windows.append(config.sliding_window if config.sliding_layers[layer] else 0)
         self.fixed_bytes_per_forward = self._fixed_bytes()
 
@@ -275,6 +297,8 @@ class ShardRunner:
         a = w.attention
         if a is None:
             return np.zeros_like(x)  # [T, H]: the block is pinned to another rank
+        if isinstance(a, MlaWeightHandles):
+            return self.mla(a, x, spans, self.caches, local, rows)  # type: ignore[misc,arg-type]
         c = self.config
         backend = self.backend
         n_tokens = x.shape[0]
@@ -303,15 +327,26 @@ class ShardRunner:
         return matmul(a.output, attn)  # [T, H]
 
     def _ffn(self, layer: int, w: LayerWeights, x: np.ndarray, rows: bool) -> np.ndarray:
-        """x [T, H] -> this rank's share of the dense FFN or routed experts [T, H]."""
+        """x [T, H] -> this rank's share of the dense FFN, or of the routed experts plus the
+        shared experts [T, H]."""
         f = w.ffn
-        if not self.config.is_moe:
+        backend = self.backend
+        activation = self.config.ffn_activation
+        if not self.config.layer_is_moe(layer):
             if f is None:
                 return np.zeros_like(x)  # [T, H]: the block is pinned to another rank
             if rows:
-                return self.backend.gated_ffn_rows(x, f.gate, f.up, f.down,
-                                                   self.config.ffn_activation)
-            return self.backend.gated_ffn(x, f.gate, f.up, f.down, self.config.ffn_activation)
+                return backend.gated_ffn_rows(x, f.gate, f.up, f.down, activation)
+            return backend.gated_ffn(x, f.gate, f.up, f.down, activation)
+        out = self._routed(layer, w, x, rows)  # [T, H]
+        if f is not None and f.shared is not None:
+            shared_ffn = backend.gated_ffn_rows if rows else backend.gated_ffn
+            out = out + shared_ffn(x, *f.shared, activation)  # [T, H]
+        return out
+
+    def _routed(self, layer: int, w: LayerWeights, x: np.ndarray, rows: bool) -> np.ndarray:
+        """x [T, H] -> this rank's share of the routed experts [T, H]."""
+        f = w.ffn
         if w.router is None:
             return np.zeros_like(x)  # this rank neither routes nor holds experts (a GPU worker)
         # Replicated router: every rank of the stage picks the same experts.
@@ -320,7 +355,8 @@ class ShardRunner:
                                             for t in range(len(x))])  # [T, E]
         else:
             router_logits = x @ w.router.T  # [T, H] @ [H, E] -> [T, E]
-        expert_ids, expert_weights = route(router_logits, self.router_config)  # [T, K] each
+        expert_ids, expert_weights = route(router_logits, self.router_config,
+                                           w.router_bias)  # [T, K] each
         tokens_per_expert = np.bincount(expert_ids.ravel(), minlength=self.config.n_experts)
         self.counters.expert_tokens[layer] += tokens_per_expert  # [E]
         if f is None:
@@ -369,19 +405,21 @@ class ShardRunner:
             total += w.vector_bytes
             if w.attention is not None:
                 total += w.attention.n_bytes
-            if w.ffn is not None and not self.config.is_moe:
-                total += w.ffn.n_bytes
+            if w.ffn is not None:
+                total += w.ffn.shared_bytes if w.ffn.routed else w.ffn.n_bytes
         return total
 
     def _layer_weights(self, layer: int) -> LayerWeights:
         load = self._loader
         p = f"blk.{layer}."
         vectors = {field: (load.vector if field in _REQUIRED_VECTORS else load.optional_vector)(
-            p + name + ".weight") for field, name in _LAYER_VECTORS.items()}
-        vector_bytes = sum(load.n_bytes(p + name + ".weight") for name in _LAYER_VECTORS.values()
-                           if load.holds(p + name + ".weight"))
+            p + name) for field, name in _LAYER_VECTORS.items()}
+        vector_bytes = sum(load.n_bytes(p + name) for name in _LAYER_VECTORS.values()
+                           if load.holds(p + name))
+        attention = (load_mla(load, self.backend, p, self.config, self.mla_layout)
+                     if self.config.is_mla else self._attention_weights(p))
         return LayerWeights(
-            **vectors, attention=self._attention_weights(p), ffn=self._ffn_weights(p),
+            **vectors, attention=attention, ffn=self._ffn_weights(layer),
             split_attention=self.plan.block_is_split(self.stage.index, layer, "attention"),
             split_ffn=self.plan.block_is_split(self.stage.index, layer, "ffn"),
             vector_bytes=vector_bytes)
@@ -400,26 +438,33 @@ class ShardRunner:
         return AttentionWeights(q, k, v, output, n_heads=n_kv * (c.n_heads // c.n_kv_heads),
                                 n_kv_heads=n_kv, n_bytes=sum(load.n_bytes(n) for n in names))
 
-    def _ffn_weights(self, prefix: str) -> FfnWeights | None:
-        kinds = ("gate_exps", "up_exps", "down_exps") if self.config.is_moe else (
-            "gate", "up", "down")
+    def _ffn_weights(self, layer: int) -> FfnWeights | None:
+        prefix = f"blk.{layer}."
+        routed = self.config.layer_is_moe(layer)
+        kinds = ("gate_exps", "up_exps", "down_exps") if routed else ("gate", "up", "down")
         names = [prefix + f"ffn_{kind}.weight" for kind in kinds]
         if not self._loader.holds_block(names):
             return None
         router = prefix + "ffn_gate_inp.weight"
-        if self.config.is_moe and not self._loader.holds(router):
+        if routed and not self._loader.holds(router):
             raise NumoeError(f"the plan gives this worker {prefix}experts but not {router}, "
                              f"so it cannot route to them; make the plan again")
         gate_shard = self._loader.shard(names[0])
         n_bytes = sum(self._loader.n_bytes(name) for name in names)
         experts = None
-        if self.config.is_moe:
+        if routed:
             if gate_shard.axis == 0:  # expert parallel: whole experts [e0, e1)
                 experts = (gate_shard.start, gate_shard.stop)
             n_local = self._loader.shape(names[0])[0]
             n_bytes //= n_local  # one local expert's gate, up and down
         gate, up, down = (self._loader.matrix(name) for name in names)
-        return FfnWeights(gate, up, down, experts, n_bytes)
+        shared, shared_bytes = None, 0
+        shared_names = [prefix + f"ffn_{kind}_shexp.weight" for kind in ("gate", "up", "down")]
+        if routed and self._loader.holds_block(shared_names):
+            shared = tuple(self._loader.matrix(name) for name in shared_names)
+            shared_bytes = sum(self._loader.n_bytes(name) for name in shared_names)
+        return FfnWeights(gate, up, down, experts, n_bytes, routed, shared,  # type: ignore[arg-type]
+                          shared_bytes)
 
     def _lm_head(self) -> tuple[Any, int]:
         """This rank's vocabulary rows [v0, v1) of the LM head (output.weight's slice, or of

@@ -157,6 +157,21 @@ def test_tiny_qwen3moe_numpy_backend(tiny_qwen3moe: TinyModel) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["q8_0", "f32"])
+def test_tiny_deepseek_batched_equals_alone(tiny_deepseek: TinyModel, dtype: str) -> None:
+    # MLA: the per-head products (k_b, v_b) and the latent attention take rows one by one too.
+    with open_gguf(str(tiny_deepseek.gguf[dtype])) as gguf:
+        check_model(gguf, lambda: CpuBackend(n_threads=2), n_requests=12, n_slots=10,
+                    per_tick=5)
+
+
+@pytest.mark.slow
+def test_tiny_deepseek_numpy_backend(tiny_deepseek: TinyModel) -> None:
+    with open_gguf(str(tiny_deepseek.gguf["q8_0"])) as gguf:
+        check_model(gguf, lambda: NumpyRefBackend(np.float64), n_requests=6)
+
+
+@pytest.mark.slow
 def test_gemma3_batched_equals_alone(gemma3_path) -> None:  # noqa: ANN001
     # 16 requests in 14 slots, 6 arriving per tick: calls of 12 and more decode rows, where a
     # plain product of Q4_K / Q6_K weights would switch to the GEMM.

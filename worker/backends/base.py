@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from cluster.errors import NumoeError
+
 if TYPE_CHECKING:
-    from worker.layers.attention import KVCache
+    from worker.layers.attention import KVCache, LatentCache
     from worker.layers.rope import RopeTable
 
 Activation = Literal["silu", "gelu_tanh"]
@@ -126,3 +128,26 @@ class Backend(ABC):
         """Stores k_new [T, n_kv, d], v_new [T, n_kv, dv] in `cache` at [start, start + T),
         then attends q [T, n_heads, d] to every visible key -> [T, n_heads * dv]
         (worker/layers/attention.py states the masks)."""
+
+    # --- multi-head latent attention (DeepSeek, Kimi) -------------------------------------
+    # Not abstract: a backend without them runs every other architecture; the runner's MLA
+    # path calls them and gets a clear refusal.
+
+    def matmul_heads(self, weight: Any, x: np.ndarray) -> np.ndarray:
+        """Per-head products with a stack of matrices [B, n_out, n_in] (MLA's attn_k_b and
+        attn_v_b): x [T, B, n_in] -> y [T, B, n_out], y[t, b] = W[b] @ x[t, b]."""
+        raise NumoeError(f"the {self.name} backend cannot run multi-head latent attention "
+                         f"(DeepSeek / Kimi models) yet; use the cpu or numpy backend")
+
+    def matmul_heads_rows(self, weight: Any, x: np.ndarray) -> np.ndarray:
+        """matmul_heads, each token row computed exactly as it would be alone."""
+        return np.concatenate([self.matmul_heads(weight, x[t : t + 1]) for t in range(len(x))])
+
+    def attention_latent(self, q: np.ndarray, latent_new: np.ndarray, cache: LatentCache,
+                         layer: int, start: int, scale: float, value_dim: int) -> np.ndarray:
+        """MLA's absorbed attention: stores latent_new [T, width] in `cache` at
+        [start, start + T), then attends q [T, n_heads, width] causally to every cached row,
+        the value being a row's first value_dim elements -> [T, n_heads, value_dim]
+        (worker/layers/mla.py latent_attention is the reference)."""
+        raise NumoeError(f"the {self.name} backend cannot run multi-head latent attention "
+                         f"(DeepSeek / Kimi models) yet; use the cpu or numpy backend")

@@ -17,7 +17,7 @@ from native import kernels, ops
 from native.kernels import WeightView
 from worker.backends.base import Activation, Backend, WeightData
 from worker.backends.blas_threads import limit_blas_threads
-from worker.layers.attention import KVCache
+from worker.layers.attention import KVCache, LatentCache
 from worker.layers.rope import RopeTable
 
 _F32 = 0  # ggml type id of float32
@@ -116,3 +116,17 @@ class CpuBackend(Backend):
                   layer: int, start: int, scale: float, sliding_window: int) -> np.ndarray:
         return ops.attention(q, k_new, v_new, cache.layer_keys[layer], cache.layer_values[layer],
                              start, scale, sliding_window)  # [T, n_heads * dv]
+
+    # MLA: the per-head products loop over heads in C (one call), and the latent attention
+    # reads one cache row per position for every head, its first value_dim values the value.
+
+    def matmul_heads(self, weight: WeightView, x: np.ndarray) -> np.ndarray:
+        return kernels.matmul_batched(weight, x)  # [T, B, n_out]
+
+    def matmul_heads_rows(self, weight: WeightView, x: np.ndarray) -> np.ndarray:
+        return kernels.matmul_batched(weight, x, rows_alone=True)  # [T, B, n_out]
+
+    def attention_latent(self, q: np.ndarray, latent_new: np.ndarray, cache: LatentCache,
+                         layer: int, start: int, scale: float, value_dim: int) -> np.ndarray:
+        return ops.attention_latent(q, latent_new, cache.layer_latents[layer], start, scale,
+                                    value_dim)  # [T, n_heads, value_dim]

@@ -13,7 +13,8 @@ from gguf.quants import dequantize
 
 from worker.backends.base import Activation, Backend, WeightData
 from worker.layers import attention as attention_layer
-from worker.layers.attention import KVCache
+from worker.layers.attention import KVCache, LatentCache
+from worker.layers.mla import latent_attention
 from worker.layers.norm import rms_norm
 from worker.layers.rope import RopeTable
 
@@ -114,3 +115,11 @@ class NumpyRefBackend(Backend):
                   layer: int, start: int, scale: float, sliding_window: int) -> np.ndarray:
         return attention_layer.attention(q, k_new, v_new, cache, layer, start, scale,
                                          sliding_window)
+
+    def matmul_heads(self, weight: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return np.einsum("tbi,boi->tbo", x, weight)  # [T, B, n_out]
+
+    def attention_latent(self, q: np.ndarray, latent_new: np.ndarray, cache: LatentCache,
+                         layer: int, start: int, scale: float, value_dim: int) -> np.ndarray:
+        return latent_attention(q, latent_new, cache.layer_latents[layer], start, scale,
+                                value_dim)  # [T, n_heads, value_dim]

@@ -39,6 +39,27 @@ class KVCache:
         return self.keys.nbytes + self.values.nbytes
 
 
+class LatentCache:
+    """Multi-head latent attention's cache (DeepSeek, Kimi): per layer [n_ctx, kv_lora + rope],
+    the normed latent then the roped shared key of each position, and nothing per head (every
+    head's key and value are decompressed from it, or the query is absorbed into its space).
+
+    `held` says per layer whether this worker computes that layer's attention (a layer another
+    worker computes keeps no rows). In `dtype`: the activation dtype or float16."""
+
+    def __init__(self, held: Sequence[bool], n_ctx: int, width: int, dtype: np.dtype) -> None:
+        self.n_ctx = n_ctx
+        self.latents = np.zeros((sum(held), n_ctx, width), dtype)  # [layers held, C, width]
+        index = np.cumsum([0, *held])  # [L + 1]
+        empty = np.zeros((0, width), dtype)
+        self.layer_latents = [self.latents[index[layer]] if is_held else empty
+                              for layer, is_held in enumerate(held)]  # L x [C, width]
+
+    @property
+    def n_bytes(self) -> int:
+        return self.latents.nbytes
+
+
 def attention(
     q: np.ndarray,
     k_new: np.ndarray,

@@ -131,28 +131,55 @@ def mla_attention(x: np.ndarray, weights: MlaWeights, cache: np.ndarray, start: 
     q_pe = rope_interleaved(q[..., nope:], cos_new, sin_new)  # [T, n_heads, rope]
 
     kv_a = x @ weights.kv_a_mqa.T  # [T, kv_lora + rope]
-    cache[start:end, :kv_lora] = rms_norm(kv_a[:, :kv_lora], weights.kv_a_norm, eps)
-    cache[start:end, kv_lora:] = rope_interleaved(kv_a[:, kv_lora:], cos_new, sin_new)
-    latent = cache[:end, :kv_lora]  # [S, kv_lora], S = end: every visible position
-    k_pe = cache[:end, kv_lora:]  # [S, rope]
-
-    # The RoPE part is the same in both forms: one shared key for every head.
-    scores = np.einsum("thr,sr->hts", q_pe, k_pe)  # [n_heads, T, S]
+    latent_new = np.empty_like(kv_a)  # [T, kv_lora + rope]: this call's cache rows
+    latent_new[:, :kv_lora] = rms_norm(kv_a[:, :kv_lora], weights.kv_a_norm, eps)
+    latent_new[:, kv_lora:] = rope_interleaved(kv_a[:, kv_lora:], cos_new, sin_new)
     if absorbed:
         q_absorbed = np.einsum("thn,hln->thl", q_nope, weights.k_b)  # [T, n_heads, kv_lora]
-        scores += np.einsum("thl,sl->hts", q_absorbed, latent)  # [n_heads, T, S]
-    else:
-        k_nope = np.einsum("sl,hln->hsn", latent, weights.k_b)  # [n_heads, S, nope]
-        scores += np.einsum("thn,hsn->hts", q_nope, k_nope)  # [n_heads, T, S]
-    probs = _causal_softmax(scores * scale, start)  # [n_heads, T, S]
-
-    if absorbed:
-        latent_out = np.einsum("hts,sl->thl", probs, latent)  # [T, n_heads, kv_lora]
+        q_latent_space = np.concatenate([q_absorbed, q_pe], axis=-1)  # [T, n_heads, width]
+        latent_out = latent_attention(q_latent_space, latent_new, cache, start, scale,
+                                      kv_lora)  # [T, n_heads, kv_lora]
         heads_out = np.einsum("thl,hvl->thv", latent_out, weights.v_b)  # [T, n_heads, v]
     else:
-        values = np.einsum("sl,hvl->hsv", latent, weights.v_b)  # [n_heads, S, v]
-        heads_out = np.einsum("hts,hsv->thv", probs, values)  # [T, n_heads, v]
+        cache[start:end] = latent_new
+        heads_out = expanded_attention(q_nope, q_pe, cache, start, weights.k_b, weights.v_b,
+                                       scale)  # [T, n_heads, v]
     return heads_out.reshape(n_tokens, -1) @ weights.o.T  # [T, H]
+
+
+def latent_attention(q: np.ndarray, latent_new: np.ndarray, cache: np.ndarray, start: int,
+                     scale: float, value_dim: int) -> np.ndarray:
+    """The absorbed form's attention: multi-query attention with one shared head whose key is
+    the cached row [kv_lora + rope] and whose value is that row's first value_dim (= kv_lora)
+    elements, so no separate value cache exists.
+
+    q [T, n_heads, width] (the absorbed nope query then the roped query), latent_new [T, width]
+    written to cache [n_ctx, width] rows [start, start + T) (rounded to the cache's dtype), causal.
+    Returns [T, n_heads, value_dim] in q's dtype."""
+    end = start + q.shape[0]
+    cache[start:end] = latent_new
+    keys = cache[:end].astype(q.dtype, copy=False)  # [S, width], S = end
+    scores = np.einsum("thw,sw->hts", q, keys)  # [n_heads, T, S]
+    probs = _causal_softmax(scores * scale, start)  # [n_heads, T, S]
+    return np.einsum("hts,sv->thv", probs, keys[:, :value_dim])  # [T, n_heads, value_dim]
+
+
+def expanded_attention(q_nope: np.ndarray, q_pe: np.ndarray, cache: np.ndarray, start: int,
+                       k_b: np.ndarray, v_b: np.ndarray, scale: float) -> np.ndarray:
+    """The expanded form over a cache already holding rows [0, start + T): per head, keys
+    [k_b c_kv, k_pe] and values v_b c_kv decompressed for every cached position, then causal
+    attention. q_nope [T, n_heads, nope], q_pe [T, n_heads, rope] (roped), k_b, v_b as in
+    MlaWeights (dense). Returns [T, n_heads, v]."""
+    kv_lora = k_b.shape[1]
+    end = start + q_nope.shape[0]
+    rows = cache[:end].astype(q_nope.dtype, copy=False)  # [S, kv_lora + rope]
+    latent, k_pe = rows[:, :kv_lora], rows[:, kv_lora:]  # [S, kv_lora], [S, rope]
+    k_nope = np.einsum("sl,hln->hsn", latent, k_b)  # [n_heads, S, nope]
+    scores = np.einsum("thn,hsn->hts", q_nope, k_nope)  # [n_heads, T, S]
+    scores += np.einsum("thr,sr->hts", q_pe, k_pe)  # the RoPE part: one key shared by all heads
+    probs = _causal_softmax(scores * scale, start)  # [n_heads, T, S]
+    values = np.einsum("sl,hvl->hsv", latent, v_b)  # [n_heads, S, v]
+    return np.einsum("hts,hsv->thv", probs, values)  # [T, n_heads, v]
 
 
 def _causal_softmax(scores: np.ndarray, start: int) -> np.ndarray:

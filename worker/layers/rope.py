@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import numpy as np
 
-from cluster.model import RopeStyle
+from cluster.model import RopeStyle, YarnScaling
+from worker.layers.yarn import yarn_cos_sin
 
 
 class RopeTable:
     """cos/sin of position * base^(-2i/d) * freq_scale for every position up to n_ctx.
 
     One table per distinct RoPE base (Gemma 3 has two: local and global layers), built once, so
-    the per-token cost is a slice and four multiplies.
+    the per-token cost is a slice and four multiplies. With `yarn` (DeepSeek-V3, Kimi-K2) the
+    frequencies and the cos/sin factor are YaRN's (worker/layers/yarn.py) and freq_scale is unused.
     """
 
     def __init__(self, base: float, freq_scale: float, head_dim: int, n_ctx: int,
-                 style: RopeStyle, dtype: np.dtype) -> None:
+                 style: RopeStyle, dtype: np.dtype, yarn: YarnScaling | None = None) -> None:
         self.style = style
         half = head_dim // 2
-        inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2.0 / head_dim)  # [d/2]
-        angles = np.arange(n_ctx, dtype=np.float64)[:, None] * inv_freq * freq_scale  # [n_ctx, d/2]
-        self.cos = np.ascontiguousarray(np.cos(angles), dtype=dtype)  # [n_ctx, d/2]
-        self.sin = np.ascontiguousarray(np.sin(angles), dtype=dtype)  # [n_ctx, d/2]
+        if yarn is not None:
+            cos, sin = yarn_cos_sin(head_dim, base, yarn, n_ctx)  # [n_ctx, d/2] each
+        else:
+            inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2.0 / head_dim)  # [d/2]
+            angles = np.arange(n_ctx, dtype=np.float64)[:, None] * inv_freq * freq_scale
+            cos, sin = np.cos(angles), np.sin(angles)  # [n_ctx, d/2]
+        self.cos = np.ascontiguousarray(cos, dtype=dtype)  # [n_ctx, d/2]
+        self.sin = np.ascontiguousarray(sin, dtype=dtype)  # [n_ctx, d/2]
 
     def apply(self, x: np.ndarray, start: int) -> np.ndarray:
         """x [T, n_heads, d] for positions [start, start + T) -> rotated copy [T, n_heads, d]."""
