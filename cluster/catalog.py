@@ -3,6 +3,12 @@
 `describe("deepseek-v3:Q4_K_M")` returns the ModelConfig and the tensor index (names, ggml types,
 numpy-order shapes, byte sizes) that llama.cpp's convert_hf_to_gguf.py + llama-quantize would
 write, so a 671B model can be planned before it is downloaded. Nothing here reads a file.
+`shapes_from_hf_config(json.load(...))` describes a model from its config.json the same way.
+
+A deepseek2 description's ModelConfig is read by cluster.deepseek2_config, the code that reads a
+real file's header, from the metadata the converter would write (`deepseek2_metadata`): YaRN,
+sigmoid group-limited routing, routed_scaling_factor and the YaRN-scaled softmax scale come out
+as they would from the GGUF.
 
 Shapes come from each model's official config.json (numbers and sources in MODELS). Tensor names
 and shapes follow llama.cpp (src/models/deepseek2.cpp, glm4-moe.cpp, qwen3moe.cpp, read at
@@ -31,12 +37,15 @@ tensors whose name the regex finds (first match wins), with any type of cluster.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from cluster.errors import NumoeError
 from cluster.gguf import GGML_TYPE_NAMES, type_block
-from cluster.model import ModelConfig, RopeStyle
+from cluster.model import ModelConfig, RopeStyle, YarnScaling
 
 F32, F16, Q4_0, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 6, 7, 8, 12, 13, 14, 30
 TYPE_IDS = {name: type_id for type_id, name in GGML_TYPE_NAMES.items()}
@@ -98,6 +107,12 @@ class Shapes:
     context_length: int = 4096
     norm_eps: float = 1e-6
     expert_weights_scale: float = 1.0  # routed_scaling_factor
+    # deepseek2 routing and RoPE (the other families' configs are built from the shapes alone)
+    sigmoid_gating: bool = False  # scoring_func "sigmoid" (V3 / R1 / Kimi-K2), else softmax
+    n_expert_groups: int = 1  # n_group
+    n_expert_groups_used: int = 1  # topk_group
+    norm_topk_prob: bool = True
+    yarn: YarnScaling | None = None  # rope_scaling of type "yarn"
 
 
 _DEEPSEEK_V3 = Shapes(
@@ -109,7 +124,9 @@ _DEEPSEEK_V3 = Shapes(
     intermediate_size=18432, moe_intermediate_size=2048, n_experts=256, n_experts_used=8,
     n_shared_experts=1, n_dense_layers=3, q_lora_rank=1536, kv_lora_rank=512,
     qk_rope_head_dim=64, rope_theta=10_000.0, context_length=163840, norm_eps=1e-6,
-    expert_weights_scale=2.5)
+    expert_weights_scale=2.5, sigmoid_gating=True, n_expert_groups=8, n_expert_groups_used=4,
+    yarn=YarnScaling(factor=40.0, original_context_length=4096, beta_fast=32.0, beta_slow=1.0,
+                     mscale=1.0, mscale_all_dim=1.0))
 
 MODELS: dict[str, Shapes] = {
     "deepseek-v3": _DEEPSEEK_V3,
@@ -121,7 +138,10 @@ MODELS: dict[str, Shapes] = {
         head_dim=128 + 64, value_head_dim=128, intermediate_size=18432,
         moe_intermediate_size=2048, n_experts=384, n_experts_used=8, n_shared_experts=1,
         n_dense_layers=1, q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64,
-        rope_theta=50_000.0, context_length=131072, norm_eps=1e-6, expert_weights_scale=2.827),
+        rope_theta=50_000.0, context_length=131072, norm_eps=1e-6, expert_weights_scale=2.827,
+        sigmoid_gating=True, n_expert_groups=1, n_expert_groups_used=1,
+        yarn=YarnScaling(factor=32.0, original_context_length=4096, beta_fast=1.0,
+                         beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)),
     "qwen3-235b-a22b": Shapes(
         architecture="qwen3moe",
         source="https://huggingface.co/Qwen/Qwen3-235B-A22B/blob/main/config.json",
@@ -205,7 +225,9 @@ def describe_shapes(shapes: Shapes, recipe: str, name: str = "custom",
     tensors = {tensor_name: CatalogTensor(tensor_name, ggml_type, shape,
                                           _n_bytes(shape, ggml_type))
                for (tensor_name, shape), ggml_type in zip(shaped, types, strict=True)}
-    return CatalogModel(f"{name}:{recipe}", shapes, _model_config(shapes), tensors)
+    config = (_deepseek2_config(shapes, mla_layout, tensors)
+              if shapes.architecture == "deepseek2" else _model_config(shapes))
+    return CatalogModel(f"{name}:{recipe}", shapes, config, tensors)
 
 
 def looks_like_catalog_name(text: str) -> bool:
@@ -270,10 +292,14 @@ def _mla_shapes(p: str, s: Shapes, mla_layout: str) -> Iterator[tuple[str, tuple
     """deepseek2 attention (llama.cpp's LLM_TENSOR_ATTN_Q_A ... ATTN_OUT), numpy order."""
     h, heads = s.hidden_size, s.n_heads
     nope = s.head_dim - s.qk_rope_head_dim
-    yield p + "attn_q_a_norm.weight", (s.q_lora_rank,)
+    if s.q_lora_rank:
+        yield p + "attn_q_a_norm.weight", (s.q_lora_rank,)
     yield p + "attn_kv_a_norm.weight", (s.kv_lora_rank,)
-    yield p + "attn_q_a.weight", (s.q_lora_rank, h)
-    yield p + "attn_q_b.weight", (heads * s.head_dim, s.q_lora_rank)
+    if s.q_lora_rank:
+        yield p + "attn_q_a.weight", (s.q_lora_rank, h)
+        yield p + "attn_q_b.weight", (heads * s.head_dim, s.q_lora_rank)
+    else:  # DeepSeek-V2-Lite: one full-rank query projection
+        yield p + "attn_q.weight", (heads * s.head_dim, h)
     yield p + "attn_kv_a_mqa.weight", (s.kv_lora_rank + s.qk_rope_head_dim, h)
     if mla_layout == "split":
         yield p + "attn_k_b.weight", (heads, s.kv_lora_rank, nope)  # ne {nope, rank, heads}
@@ -390,10 +416,158 @@ def _fallback(ggml_type: int, row_width: int) -> int:
 # --- config ---------------------------------------------------------------------------------
 
 
+def _f32(value: float) -> float:
+    """`value` as GGUF stores it (float32), so a description reads like a file's header."""
+    return float(np.float32(value))
+
+
+def deepseek2_metadata(s: Shapes, mla_layout: str = "split") -> dict[str, Any]:
+    """The deepseek2 metadata llama.cpp's converter (conversion/deepseek.py
+    DeepseekV2Model.set_gguf_parameters and the base class) writes for `s`, keys as a GGUF
+    header holds them, floats rounded to float32 as GGUF stores them. `mla_layout` "kv_b" gives
+    the older converters' form (per-head sizes in key/value_length, no *_mla keys).
+
+    GGUF has no mscale key: the converter writes yarn_log_multiplier = 0.1 * mscale_all_dim and
+    llama.cpp takes mscale = mscale_all_dim, so a config whose two differ cannot be written."""
+    arch = "deepseek2"
+    nope = s.head_dim - s.qk_rope_head_dim
+    meta: dict[str, Any] = {
+        "general.architecture": arch,
+        f"{arch}.block_count": s.n_layers + s.n_nextn_layers,
+        f"{arch}.context_length": s.context_length,
+        f"{arch}.embedding_length": s.hidden_size,
+        f"{arch}.feed_forward_length": s.intermediate_size,
+        f"{arch}.attention.head_count": s.n_heads,
+        f"{arch}.rope.freq_base": _f32(s.rope_theta),
+        f"{arch}.attention.layer_norm_rms_epsilon": _f32(s.norm_eps),
+        f"{arch}.expert_count": s.n_experts,
+        f"{arch}.expert_used_count": s.n_experts_used,
+        f"{arch}.expert_group_count": s.n_expert_groups,
+        f"{arch}.expert_group_used_count": s.n_expert_groups_used,
+        f"{arch}.expert_gating_func": 2 if s.sigmoid_gating else 1,
+        f"{arch}.leading_dense_block_count": s.n_dense_layers,
+        f"{arch}.vocab_size": s.vocab_size,
+        f"{arch}.attention.kv_lora_rank": s.kv_lora_rank,
+        f"{arch}.expert_feed_forward_length": s.moe_intermediate_size,
+        f"{arch}.expert_shared_count": s.n_shared_experts,
+        f"{arch}.rope.dimension_count": s.qk_rope_head_dim,
+    }
+    if mla_layout == "split":  # the MQA form llama.cpp runs absorbed attention in
+        meta[f"{arch}.attention.head_count_kv"] = 1
+        meta[f"{arch}.attention.key_length"] = s.kv_lora_rank + s.qk_rope_head_dim
+        meta[f"{arch}.attention.value_length"] = s.kv_lora_rank
+        meta[f"{arch}.attention.key_length_mla"] = nope + s.qk_rope_head_dim
+        meta[f"{arch}.attention.value_length_mla"] = s.value_head_dim
+    else:
+        meta[f"{arch}.attention.head_count_kv"] = s.n_heads
+        meta[f"{arch}.attention.key_length"] = nope + s.qk_rope_head_dim
+        meta[f"{arch}.attention.value_length"] = s.value_head_dim
+    if s.q_lora_rank:
+        meta[f"{arch}.attention.q_lora_rank"] = s.q_lora_rank
+    if s.expert_weights_scale != 1.0:
+        meta[f"{arch}.expert_weights_scale"] = _f32(s.expert_weights_scale)
+    if s.norm_topk_prob:
+        meta[f"{arch}.expert_weights_norm"] = True
+    if s.n_nextn_layers:
+        meta[f"{arch}.nextn_predict_layers"] = s.n_nextn_layers
+    if s.yarn is not None:
+        y = s.yarn
+        if y.mscale != y.mscale_all_dim:
+            raise CatalogError(f"{s.source}: YaRN mscale {y.mscale} differs from mscale_all_dim "
+                               f"{y.mscale_all_dim}; GGUF (and llama.cpp) hold only the latter")
+        meta.update({
+            f"{arch}.rope.scaling.type": "yarn",
+            f"{arch}.rope.scaling.factor": _f32(y.factor),
+            f"{arch}.rope.scaling.original_context_length": y.original_context_length,
+            f"{arch}.rope.scaling.yarn_beta_fast": _f32(y.beta_fast),
+            f"{arch}.rope.scaling.yarn_beta_slow": _f32(y.beta_slow),
+            f"{arch}.rope.scaling.yarn_log_multiplier": _f32(0.1 * y.mscale_all_dim),
+        })
+    return meta
+
+
+def _deepseek2_config(s: Shapes, mla_layout: str,
+                      tensors: Mapping[str, CatalogTensor]) -> ModelConfig:
+    """A deepseek2 description's config, read by the code that reads a real file's header
+    (cluster.deepseek2_config), from the metadata the converter would write: YaRN, sigmoid
+    group-limited routing and the YaRN-scaled softmax scale come out as a file's would."""
+    from cluster.deepseek2_config import read_deepseek2_config  # noqa: PLC0415 - needs model
+
+    return read_deepseek2_config(deepseek2_metadata(s, mla_layout),
+                                 tensors)  # type: ignore[arg-type]
+
+
+def shapes_from_hf_config(config: Mapping[str, Any], source: str = "config.json") -> Shapes:
+    """The Shapes of a Hugging Face config.json (a dict), for planning a model that is not
+    built in: DeepSeek-V2/V3/R1 and Kimi-K2 (model_type deepseek_v2 / deepseek_v3 / kimi_k2)
+    and Qwen3-MoE (qwen3_moe). Keys and defaults as llama.cpp's converter reads them."""
+    model_type = str(config.get("model_type", ""))
+    try:
+        if model_type in ("deepseek_v2", "deepseek_v3", "kimi_k2"):
+            return _deepseek_shapes(config, source)
+        if model_type == "qwen3_moe":
+            heads = config["num_attention_heads"]
+            head_dim = config.get("head_dim") or config["hidden_size"] // heads
+            return Shapes(
+                architecture="qwen3moe", source=source, vocab_size=config["vocab_size"],
+                hidden_size=config["hidden_size"], n_layers=config["num_hidden_layers"],
+                n_heads=heads, n_kv_heads=config.get("num_key_value_heads", heads),
+                head_dim=head_dim, value_head_dim=head_dim,
+                intermediate_size=config.get("intermediate_size", 0),
+                moe_intermediate_size=config["moe_intermediate_size"],
+                n_experts=config["num_experts"], n_experts_used=config["num_experts_per_tok"],
+                qk_norm=True, rope_theta=float(config.get("rope_theta", 10_000.0)),
+                context_length=config["max_position_embeddings"],
+                norm_eps=float(config.get("rms_norm_eps", 1e-6)))
+    except KeyError as error:
+        raise CatalogError(f"{source}: a {model_type} config.json needs {error}; give the "
+                           f"model's complete config.json") from None
+    raise CatalogError(f"{source}: model_type {model_type!r} is not one numoe can describe; "
+                       f"known: deepseek_v2, deepseek_v3, kimi_k2, qwen3_moe")
+
+
+def _deepseek_shapes(c: Mapping[str, Any], source: str) -> Shapes:
+    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type"))
+    yarn = None
+    if rope_type == "yarn" and rope.get("factor") is not None:
+        yarn = YarnScaling(
+            factor=float(rope["factor"]),
+            original_context_length=int(rope["original_max_position_embeddings"]),
+            beta_fast=float(rope.get("beta_fast", 32.0)),
+            beta_slow=float(rope.get("beta_slow", 1.0)),
+            mscale=float(rope.get("mscale", rope.get("mscale_all_dim", 0.0))),
+            mscale_all_dim=float(rope.get("mscale_all_dim", 0.0)))
+    scoring = c.get("scoring_func", "softmax")
+    if scoring not in ("softmax", "sigmoid"):
+        raise CatalogError(f"{source}: scoring_func {scoring!r}; llama.cpp's deepseek2 supports "
+                           f"softmax and sigmoid")
+    heads = c["num_attention_heads"]
+    return Shapes(
+        architecture="deepseek2", source=source, vocab_size=c["vocab_size"],
+        hidden_size=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=heads, head_dim=c["qk_nope_head_dim"] + c["qk_rope_head_dim"],
+        value_head_dim=c["v_head_dim"], intermediate_size=c["intermediate_size"],
+        moe_intermediate_size=c["moe_intermediate_size"], n_experts=c["n_routed_experts"],
+        n_experts_used=c["num_experts_per_tok"],
+        n_shared_experts=c.get("n_shared_experts") or 0,
+        n_dense_layers=c.get("first_k_dense_replace") or 0,
+        q_lora_rank=c.get("q_lora_rank") or 0, kv_lora_rank=c["kv_lora_rank"],
+        qk_rope_head_dim=c["qk_rope_head_dim"],
+        rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10_000.0))),
+        context_length=c["max_position_embeddings"],
+        norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        expert_weights_scale=float(c.get("routed_scaling_factor", 1.0)),
+        sigmoid_gating=scoring == "sigmoid", n_expert_groups=c.get("n_group") or 1,
+        n_expert_groups_used=c.get("topk_group") or 1,
+        norm_topk_prob=bool(c.get("norm_topk_prob", False)), yarn=yarn)
+
+
 def _model_config(s: Shapes) -> ModelConfig:
-    """The ModelConfig placement reads. Fields only the forward pass uses (rope, scales) are
-    filled from config.json where it gives them and are not used: numoe does not run deepseek2
-    or glm4moe yet, and plans only need shapes."""
+    """The ModelConfig placement reads, for the families other than deepseek2 (whose config
+    comes from _deepseek2_config). Fields only the forward pass uses (rope, scales) are filled
+    from config.json where it gives them and are not used: numoe does not run glm4moe, and
+    plans only need shapes."""
     return ModelConfig(
         architecture=s.architecture, vocab_size=s.vocab_size, n_layers=s.n_layers,
         n_embd=s.hidden_size, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, head_dim=s.head_dim,

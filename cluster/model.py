@@ -3,9 +3,10 @@
 `load_model_spec(gguf)` is the single place that interprets a model file: it reads the
 hyper-parameters for the architectures numoe runs (qwen3moe, qwen3, gemma3, and deepseek2
 through cluster/deepseek2_config.py), then checks that every tensor the forward pass needs is
-present, has the shape the metadata implies and a quant type numoe has kernels for. Everything downstream (runner, placement) reads the frozen config and
-never re-derives it from metadata. Conventions follow llama.cpp, the reference implementation
-for GGUF files: shapes are numpy order ([n_out, n_in] for weights).
+present, has the shape the metadata implies and a quant type numoe has kernels for. Everything
+downstream (runner, placement) reads the frozen config and never re-derives it from metadata.
+Conventions follow llama.cpp, the reference implementation for GGUF files: shapes are numpy
+order ([n_out, n_in] for weights).
 """
 
 from __future__ import annotations

@@ -14,10 +14,22 @@ layer (tensor parallel, the default):
   multiples of the down tensor's quant block, so every slice holds whole blocks. With
   strategy "expert_parallel" they are split by whole experts instead (axis 0);
 * dense FFN and shared-expert tensors are split the same way (gate/up rows, down columns);
+  one fewer quant blocks wide than the stage has workers is held whole by one worker (rotating
+  with the layer; the others add zeros to the FFN all-reduce, as for a pinned block);
 * attention is split by KV-head groups: worker r owns kv heads [k0, k1), so q rows (and biases)
   of the query heads of those groups, k/v rows of those kv heads and the matching attn_output
-  columns. Multi-head latent attention (MLA: DeepSeek, Kimi) is replicated: every head reads
-  the one shared latent KV cache, so each worker holds the whole block and cache;
+  columns. Multi-head latent attention (MLA: DeepSeek, Kimi) is split by query heads, its latent
+  path replicated: worker r owns heads [h0, h1), so those heads' rows of attn_q_b (attn_q when
+  q_lora_rank is 0; nope + rope rows per head), attn_k_b / attn_v_b (axis 0, one per head) or
+  attn_kv_b (nope + v rows per head), and attn_output columns [h0 * v, h1 * v) (block aligned;
+  when head bounds miss its quant blocks the whole MLA block is replicated, with a note). Every
+  worker holds attn_q_a, attn_kv_a_mqa and their norms, computes the latent itself and keeps
+  the whole latent KV cache (kv_lora_rank + qk_rope_head_dim values per token and layer): the
+  latent cache is replicated. Every head reads every cached latent position, so splitting the
+  heads cannot partition that cache; partitioning it by position would need a softmax merge
+  across workers in every layer, one more collective on the latency path, to save a cache
+  that is small (576 values per token per layer for DeepSeek-V3). `mla_head_layout` gives
+  each MLA tensor's (axis, elements per head) for executors;
 * the LM head (output.weight) is split by vocabulary rows; each last-stage worker computes the
   logits of its `vocab` range and the coordinator concatenates them. A tied LM head
   (token_embd) is replicated and each worker reads only its rows;
@@ -88,7 +100,10 @@ OUTPUT_NORM = "output_norm.weight"
 DEFAULT_BANDWIDTH_GBS = 50.0  # assumed per-node read bandwidth when the topology lacks one
 # Split by kv heads: q/k/v rows with their biases, attn_output columns (no output bias here).
 _ATTENTION = re.compile(r"blk\.\d+\.attn_(q|k|v|output)\.(weight|bias)(?<!output\.bias)")
-# Every tensor of an attention block, GQA or MLA: what the attention all-reduce closes.
+# MLA tensors split by query heads (see the module docstring); the rest of MLA is replicated.
+_MLA_HEADS = re.compile(r"blk\.\d+\.attn_(q|q_b|k_b|v_b|kv_b|output)\.weight")
+# MLA's latent path: replicated on a stage's CPU workers while the heads are split.
+_MLA_LATENT = re.compile(r"blk\.\d+\.attn_(q_a|kv_a_mqa)\.weight")
 _EXPERT = re.compile(r"blk\.\d+\.ffn_(gate|up|down)_exps\.weight")
 # Dense FFN and shared experts: split along their intermediate dimension like routed experts.
 _DENSE_FFN = re.compile(r"blk\.\d+\.ffn_(gate|up|down)(_shexp)?\.weight")
@@ -191,23 +206,25 @@ def _stage_layers(n_layers: int, n_stages: int, layer_split: tuple[int, ...]
 
 def _attention_split(config: ModelConfig, tensors: Mapping[str, TensorLike],
                      n_workers: int) -> tuple[list[tuple[int, int]] | None, str | None]:
-    """kv-head ranges per worker, or None (and why) when attention must be replicated."""
-    if config.is_mla:
-        return None, ("MLA attention replicated: all heads read one shared latent KV cache, "
-                      "so each worker holds the whole attention block and cache")
+    """Head ranges per worker (kv heads; MLA: query heads), or None (and why) when attention
+    must be replicated."""
+    units = config.n_heads if config.is_mla else config.n_kv_heads
+    what = "MLA attention" if config.is_mla else "attention"
     if n_workers == 1:
-        return [(0, config.n_kv_heads)], None
-    if config.n_kv_heads < n_workers:
-        return None, (f"attention replicated: {config.n_kv_heads} kv heads cannot be shared by "
-                      f"{n_workers} workers")
-    group = config.n_heads // config.n_kv_heads
-    ranges = _even_ranges(config.n_kv_heads, n_workers)
+        return [(0, units)], None
+    if units < n_workers:
+        return None, (f"{what} replicated: {units} {'' if config.is_mla else 'kv '}heads "
+                      f"cannot be shared by {n_workers} workers")
+    # attn_output columns per unit: a kv-head group's value heads, or one MLA head's values
+    group = 1 if config.is_mla else config.n_heads // config.n_kv_heads
+    ranges = _even_ranges(units, n_workers)
     for name, tensor in tensors.items():
         if name.endswith("attn_output.weight"):
             block = type_block(tensor.ggml_type)[0]
             if any((k * group * config.value_head_dim) % block for k, _ in ranges):
-                return None, (f"attention replicated: {name}'s quant blocks ({block} columns) "
-                              f"do not align with kv-head groups")
+                return None, (f"{what} replicated: {name}'s quant blocks ({block} columns) "
+                              f"do not align with {'head' if config.is_mla else 'kv-head group'}"
+                              f" bounds")
     return ranges, None
 
 
@@ -222,6 +239,26 @@ def _split_attention(name: str, tensor: TensorLike, config: ModelConfig,
         Shard(rank, axis, k0 * unit, k1 * unit, _slice_bytes(tensor, axis, k0 * unit, k1 * unit),
               block_aligned=kind == "output")
         for rank, (k0, k1) in zip(ranks, kv_ranges, strict=True))
+
+
+def mla_head_layout(kind: str, config: ModelConfig, n_dims: int) -> tuple[int, int]:
+    """(axis, elements per head) of an MLA tensor split by heads: `kind` is what follows
+    "attn_" (q, q_b, k_b, v_b, kv_b, output); head h owns [h * unit, (h + 1) * unit)."""
+    per_head = {"q": (0, config.head_dim), "q_b": (0, config.head_dim),  # nope then rope rows
+                "k_b": (0, 1), "v_b": (0, 1),  # [heads, kv_lora, nope], [heads, v, kv_lora]
+                "kv_b": (0, config.mla_nope_dim + config.value_head_dim),  # nope k, then v rows
+                "output": (n_dims - 1, config.value_head_dim)}  # v columns per head
+    return per_head[kind]
+
+
+def _split_mla(name: str, tensor: TensorLike, config: ModelConfig,
+               head_ranges: list[tuple[int, int]], ranks: Sequence[int]) -> tuple[Shard, ...]:
+    kind = _MLA_HEADS.fullmatch(name).group(1)  # type: ignore[union-attr]
+    axis, unit = mla_head_layout(kind, config, len(tensor.shape))
+    return tuple(
+        Shard(rank, axis, h0 * unit, h1 * unit, _slice_bytes(tensor, axis, h0 * unit, h1 * unit),
+              block_aligned=kind == "output")
+        for rank, (h0, h1) in zip(ranks, head_ranges, strict=True))
 
 
 def _block_ranges(down: TensorLike, width: int, n_workers: int, layer: int
@@ -239,6 +276,16 @@ def _block_ranges(down: TensorLike, width: int, n_workers: int, layer: int
         raise PlanError(f"{down.name}: {units} quant blocks wide cannot be split over "
                         f"{n_workers} workers; use fewer NUMA nodes per host")
     return [(a * block, b * block) for a, b in _even_ranges(units, n_workers, rotate=layer)]
+
+
+def _too_narrow_to_split(name: str, tensors: Mapping[str, TensorLike], n_workers: int) -> bool:
+    """A dense or shared-expert FFN whose intermediate width is fewer quant blocks than
+    workers (a tiny model's one-block shared expert), so column slices of whole blocks cannot
+    give every worker a part."""
+    if _DENSE_FFN.fullmatch(name) is None:
+        return False
+    down = tensors[name.replace("_gate", "_down").replace("_up", "_down")]
+    return down.shape[-1] // type_block(down.ggml_type)[0] < n_workers
 
 
 def _blocks_do_not_divide(down: TensorLike, n_workers: int) -> bool:
@@ -458,6 +505,7 @@ def _place(config: ModelConfig, unique: Mapping[str, TensorLike], hosts: Sequenc
                          if _EXPERT.fullmatch(name) and _pin_of(name, pins, "gpu")}
 
     placements: list[TensorPlacement] = []
+    narrow: set[str] = set()  # dense / shared-expert FFNs held whole by one worker
     for name, tensor in unique.items():
         shards: list[Shard] = []
         pinned = False
@@ -480,9 +528,21 @@ def _place(config: ModelConfig, unique: Mapping[str, TensorLike], hosts: Sequenc
                 pinned = True
                 shards.append(Shard(stage.gpu_rank, None, 0, 0,  # type: ignore[arg-type]
                                     tensor.n_bytes))
+            elif len(cpu) > 1 and _too_narrow_to_split(name, unique, len(cpu)):
+                # Whole on one CPU worker, rotating with the layer; the others add zeros to
+                # the FFN all-reduce, as for a pinned block.
+                pinned = True
+                narrow.add(name.removesuffix(".weight").replace("_gate", "")
+                           .replace("_up", "").replace("_down", ""))
+                shards.append(Shard(cpu[(_layer_of(name) or 0) % len(cpu)], None, 0, 0,
+                                    tensor.n_bytes))
             elif len(cpu) > 1 and (_EXPERT.fullmatch(name) or _DENSE_FFN.fullmatch(name)):
                 shards += _split_ffn(name, tensor, unique, cpu, options, config, ffn_ranges[s])
-            elif len(cpu) > 1 and _ATTENTION.fullmatch(name) and kv_ranges[s] is not None:
+            elif len(cpu) > 1 and config.is_mla and _MLA_HEADS.fullmatch(name) and \
+                    kv_ranges[s] is not None:
+                shards += _split_mla(name, tensor, config, kv_ranges[s], cpu)
+            elif len(cpu) > 1 and not config.is_mla and _ATTENTION.fullmatch(name) and \
+                    kv_ranges[s] is not None:
                 shards += _split_attention(name, tensor, config, kv_ranges[s], cpu)
             elif len(cpu) > 1 and name == OUTPUT:
                 shards += [Shard(rank, 0, a, b, _slice_bytes(tensor, 0, a, b))
@@ -494,6 +554,10 @@ def _place(config: ModelConfig, unique: Mapping[str, TensorLike], hosts: Sequenc
         replicated = all(shard.axis is None for shard in shards) and not pinned
         placements.append(TensorPlacement(name, tensor.ggml_type, tuple(tensor.shape),
                                           tensor.n_bytes, replicated, pinned, tuple(shards)))
+    if narrow:
+        notes.append(f"{len(narrow)} dense or shared-expert FFN(s) (e.g. {min(narrow)}) are "
+                     f"fewer quant blocks wide than a stage has CPU workers: each is held "
+                     f"whole by one worker, rotating with the layer")
     for stage, ranges_of in zip(stages, ffn_ranges, strict=True):
         whole = sorted({_layer_of(p.name) for p in placements if _EXPERT.fullmatch(p.name)
                         and any(sh.axis == 0 and sh.rank in stage.cpu_ranks for sh in p.shards)})
@@ -564,7 +628,9 @@ def _rank_of_node(host: Host, stage: StagePlan, node_id: int, name: str) -> int:
 def _check_blocks(placements: Sequence[TensorPlacement]) -> None:
     """Within a layer, a block's tensors (attention q/k/v/output or MLA's; FFN gate/up/down)
     must be laid out alike: all split, all replicated, or all pinned to one worker. A pin that
-    catches only some of them would leave a worker holding half a product."""
+    catches only some of them would leave a worker holding half a product. MLA's latent path
+    (attn_q_a, attn_kv_a_mqa) is the exception: replicated beside split heads, since every
+    worker computes the latent its heads read."""
     layouts: dict[tuple[str, str], dict[str, str]] = {}
     for tensor in placements:
         match = _LAYER.match(tensor.name)
@@ -583,7 +649,12 @@ def _check_blocks(placements: Sequence[TensorPlacement]) -> None:
             layout = "replicated" if tensor.replicated else "split"
         layouts.setdefault((match.group(1), part), {})[tensor.name] = layout
     for (layer, part), found in layouts.items():
-        if len(set(found.values())) > 1:
+        kinds = set(found.values())
+        if part == "attn" and kinds == {"split", "replicated"} and all(
+                _MLA_LATENT.fullmatch(name) for name, layout in found.items()
+                if layout == "replicated"):
+            continue
+        if len(kinds) > 1:
             detail = ", ".join(f"{name}: {layout}" for name, layout in found.items())
             raise PlanError(f"layer {layer}: the {part} tensors are placed differently "
                             f"({detail}); pin a block's tensors together, e.g. "
@@ -658,6 +729,7 @@ def _worker_plans(config: ModelConfig, hosts: Sequence[Host], stages: Sequence[_
                 vocab=vocab_ranges.get(rank, (0, 0)), cpus=cpus, node_memory_bytes=memory,
                 kv_heads=counted.first_layer_heads, weight_bytes=counted.weight_bytes,
                 kv_bytes=counted.kv_elements * options.ctx * options.kv_bytes_per_element,
+                kv_bytes_per_token=counted.kv_elements * options.kv_bytes_per_element,
                 decode_bytes_per_token=counted.decode_bytes, bandwidth_gbs=bandwidth,
                 bandwidth_assumed=assumed, n_tensors=counted.n_tensors, device=device,
                 compute_gflops=gflops))

@@ -73,7 +73,9 @@ class WorkerPlan:
     vocab: tuple[int, int]  # [start, stop) of the logits it computes; (0, 0) if none
     cpus: tuple[int, ...]
     node_memory_bytes: int  # a GPU worker: its VRAM less PlanOptions.gpu_reserve_bytes
-    kv_heads: tuple[int, int]  # [start, stop) of the kv heads this worker attends over
+    # [start, stop) of the heads this worker attends with in its first layer: kv heads (GQA),
+    # query heads (MLA, whose latent cache every attention worker keeps whole)
+    kv_heads: tuple[int, int]
     weight_bytes: int
     kv_bytes: int
     decode_bytes_per_token: int
@@ -82,6 +84,9 @@ class WorkerPlan:
     n_tensors: int
     device: str = "cpu"  # "cpu", or "cuda:N" for a GPU worker (N: the CUDA device index)
     compute_gflops: float = 0.0  # sustained FLOP/s the prompt prediction assumes, in GFLOP/s
+    # KV-cache bytes one token of context adds to this worker, over all its layers, in the
+    # plan's cache type (kv_bytes = this x ctx)
+    kv_bytes_per_token: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -211,13 +216,14 @@ def format_plan_table(plan: Plan) -> str:
     from cluster.topology import format_cpu_list  # noqa: PLC0415
 
     header = ("rank", "stage", "layers", "worker", "cpus", "tensors", "weights GiB", "KV GiB",
-              "total GiB", "free GiB", "MB/token", "roofline tok/s")
+              "KV B/tok", "total GiB", "free GiB", "MB/token", "roofline tok/s")
     rows = [header]
     for w in plan.workers:
         where = f"{w.host}:{w.device}" if w.device != "cpu" else f"{w.host}:numa{w.node_id}"
         rows.append((str(w.rank), str(w.stage), f"{w.layers[0]}-{w.layers[1] - 1}", where,
                      format_cpu_list(w.cpus), str(w.n_tensors), f"{w.weight_bytes / GIB:.2f}",
-                     f"{w.kv_bytes / GIB:.2f}", f"{w.total_bytes / GIB:.2f}",
+                     f"{w.kv_bytes / GIB:.2f}", str(w.kv_bytes_per_token),
+                     f"{w.total_bytes / GIB:.2f}",
                      f"{(w.node_memory_bytes - w.total_bytes) / GIB:.2f}",
                      f"{w.decode_bytes_per_token / 1e6:.1f}", f"{w.predicted_decode_tok_s:.1f}"))
     widths = [max(len(row[col]) for row in rows) for col in range(len(header))]

@@ -299,11 +299,10 @@ def tally(config: ModelConfig, placements: Sequence[TensorPlacement], n_workers:
             counted.load.add(block, placement.ggml_type, reads)
             if placement.name != TOKEN_EMBEDDING or config.tied_output:  # a gather: no FLOPs
                 counted.load.active_elements[block] += reads * elements // block_bytes
-            heads = _kv_heads_held(placement, shard, config)
-            if heads is not None:
-                counted.kv_elements += _kv_width(config, heads)
-                if layer == stage_start[shard.rank]:
-                    counted.first_layer_heads = heads
+            counted.kv_elements += _kv_elements_held(placement, shard, config)
+            heads = _heads_computed(placement, shard, config)
+            if heads is not None and layer == stage_start[shard.rank]:
+                counted.first_layer_heads = heads
     return tallies
 
 
@@ -332,14 +331,16 @@ def _decode_reads(placement: TensorPlacement, shard: Shard, config: ModelConfig,
     return shard.n_bytes
 
 
-def _kv_heads_held(placement: TensorPlacement, shard: Shard, config: ModelConfig
+def _heads_computed(placement: TensorPlacement, shard: Shard, config: ModelConfig
                    ) -> tuple[int, int] | None:
-    """The kv heads whose cache a holder of `shard` keeps, for the one tensor per layer that
-    decides it (attn_k; MLA: attn_kv_a_mqa, whose output is the cached latent); else None."""
+    """The heads a holder of `shard` attends with, for the one tensor per layer that decides
+    it, else None: attn_k's kv heads; MLA: attn_output's query heads (v columns per head)."""
     if config.is_mla:
-        if placement.name.endswith("attn_kv_a_mqa.weight"):
-            return 0, config.n_kv_heads
-        return None
+        if not placement.name.endswith("attn_output.weight"):
+            return None
+        if shard.axis is None:
+            return 0, config.n_heads
+        return shard.start // config.value_head_dim, shard.stop // config.value_head_dim
     if not placement.name.endswith("attn_k.weight"):
         return None
     if shard.axis is None:
@@ -347,8 +348,14 @@ def _kv_heads_held(placement: TensorPlacement, shard: Shard, config: ModelConfig
     return shard.start // config.head_dim, shard.stop // config.head_dim
 
 
-def _kv_width(config: ModelConfig, heads: tuple[int, int]) -> int:
-    """KV elements per context token of one layer for the holder of `heads`."""
+def _kv_elements_held(placement: TensorPlacement, shard: Shard, config: ModelConfig) -> int:
+    """KV-cache elements per context token a holder of `shard` keeps for its layer. GQA: k and
+    v of the kv heads of its attn_k rows. MLA: the whole latent (kv_lora_rank + rope values)
+    for every holder of attn_kv_a_mqa, whose output is the cached latent, however the heads
+    are split (see cluster/placement.py)."""
     if config.is_mla:
-        return config.kv_cache_width
+        return config.kv_cache_width if placement.name.endswith("attn_kv_a_mqa.weight") else 0
+    heads = _heads_computed(placement, shard, config)
+    if heads is None:
+        return 0
     return (heads[1] - heads[0]) * (config.head_dim + config.value_head_dim)

@@ -13,7 +13,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Atten
 
 from cluster.catalog import describe
 from cluster.deepseek2_config import read_deepseek2_config
-from cluster.errors import NumoeError, UnsupportedArchitectureError
+from cluster.errors import NumoeError, TensorShapeError
 from cluster.gguf import GGUFFile
 from cluster.model import ExpertGating, RopeStyle, YarnScaling, load_model_spec
 
@@ -130,15 +130,11 @@ def test_deepseek_v3_metadata(tmp_path: Path) -> None:
 
 
 def test_agrees_with_the_catalog_description(tmp_path: Path) -> None:
-    """The built-in deepseek-v3 description and a GGUF header give the same shapes."""
+    """The built-in deepseek-v3 description and a GGUF header written from the official config
+    give the same ModelConfig, every field (routing, YaRN and attention scale included)."""
     parsed = _parse(_write_metadata(tmp_path / "v3.gguf", DeepseekV3Config(**DEEPSEEK_V3)))
     described = describe("deepseek-v3").config
-    shape_fields = ("vocab_size", "n_layers", "n_embd", "n_heads", "n_kv_heads", "head_dim",
-                    "value_head_dim", "n_ff", "n_experts", "n_experts_used", "n_ff_expert",
-                    "n_dense_layers", "n_shared_experts", "q_lora_rank", "kv_lora_rank",
-                    "qk_rope_head_dim", "rope_style", "context_length")
-    for field in shape_fields:
-        assert getattr(parsed, field) == getattr(described, field), field
+    assert parsed == described
 
 
 def test_nextn_layers_and_legacy_defaults(tmp_path: Path) -> None:
@@ -159,10 +155,11 @@ def test_bad_groups_are_refused(tmp_path: Path) -> None:
         _parse(_write_metadata(tmp_path / "bad.gguf", hf))
 
 
-def test_loading_deepseek2_is_still_refused(tmp_path: Path) -> None:
-    """No MLA forward pass yet: load_model_spec keeps refusing the architecture clearly."""
+def test_header_without_tensors_is_refused_clearly(tmp_path: Path) -> None:
+    """load_model_spec runs deepseek2 now; a file with metadata but no tensors names the first
+    tensor it lacks and the fix."""
     path = _write_metadata(tmp_path / "v3.gguf", DeepseekV3Config(**DEEPSEEK_V3))
-    with GGUFFile(path) as file, pytest.raises(UnsupportedArchitectureError, match="deepseek2"):
+    with GGUFFile(path) as file, pytest.raises(TensorShapeError, match="token_embd.*re-convert"):
         load_model_spec(file)
 
 

@@ -254,12 +254,15 @@ def test_gpu_too_small_falls_back_or_is_refused(deepseek: ModelSpec) -> None:
         make_plan(deepseek, small, PlanOptions(ctx=8192, gpu="on"))
 
 
-def test_cpu_only_deepseek_replicates_mla_per_socket(deepseek: ModelSpec) -> None:
+def test_cpu_only_deepseek_splits_mla_heads_per_socket(deepseek: ModelSpec) -> None:
+    """MLA split by heads (64 of 128 per socket); the latent cache, which every head reads, is
+    kept whole by both sockets."""
     plan = make_plan(deepseek, load_topology(ONE_GPU), PlanOptions(ctx=4096, gpu="off"))
     assert_every_byte_once(plan, _catalog_index(deepseek))
     assert [w.kv_bytes for w in plan.workers] == [61 * 4096 * 576 * 2] * 2
-    assert not plan.block_is_split(0, 5, "attention") and plan.block_is_split(0, 5, "ffn")
-    assert any("MLA" in note for note in plan.notes)
+    assert [w.kv_heads for w in plan.workers] == [(0, 64), (64, 128)]
+    assert plan.block_is_split(0, 5, "attention") and plan.block_is_split(0, 5, "ffn")
+    assert not any("MLA" in note for note in plan.notes)
 
 
 def test_glm_biases_and_mtp_layer() -> None:
