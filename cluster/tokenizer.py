@@ -9,8 +9,8 @@ The work is split the way llama.cpp splits it:
        * "llama" (SentencePiece, e.g. Gemma 3): spaces become "▁", merges are derived from the
          token scores (a pair merges when its concatenation is a token; higher score first),
          unknown characters fall back to <0xNN> byte tokens;
-       * "gpt2" (byte-level BPE, e.g. Qwen): the file's merges plus the pre-tokenizer regex that
-         llama.cpp uses for tokenizer.ggml.pre.
+       * "gpt2" (byte-level BPE, e.g. Qwen, DeepSeek): the file's merges plus the pre-tokenizer
+         regexes that llama.cpp uses for tokenizer.ggml.pre, applied one after the other.
   3. BOS/EOS are added per tokenizer.ggml.add_bos_token / add_eos_token (llama.cpp's defaults).
 """
 
@@ -66,23 +66,86 @@ _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 
+
+def _no_whitespace(char_class: str) -> str:
+    """A literal character class minus whitespace (Oniguruma class intersection).
+
+    Before llama.cpp runs a regex without \\p{...} it replaces every non-ASCII whitespace
+    character of the text by "\\v" (unicode.cpp, unicode_regex_split), so U+3000 and the like
+    never match a literal range such as U+0800-U+4E00 there; tokenizers would match them.
+    """
+    return f"[{char_class}&&[^\\s]]"
+
+
+# DeepSeek regexes, from llama.cpp's regex_exprs (= the tokenizer.json Split lists). Written
+# with \u escapes: several characters (U+1F7D, U+212A Kelvin sign, ...) have canonical
+# singleton decompositions, and any tool that NFC-normalises the source would silently change
+# the ranges.
+# DeepSeek LLM / V2 (LLAMA_VOCAB_PRE_TYPE_DEEPSEEK_LLM). Latin, Greek, Cyrillic, ... letters:
+_DEEPSEEK_LETTERS = (
+    "A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293"
+    "\u0295-\u02af\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a"
+    "\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556"
+    "\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b"
+    "\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d"
+    "\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe"
+    "\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4"
+    "\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128"
+    "\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184"
+    "\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b"
+    "\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17"
+    "\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3"
+    "\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2"
+    "\U000118a0-\U000118df\U0001e900-\U0001e943"
+)
+# ASCII and full-width punctuation, curly quotes, U+3000-U+3002 (ideographic space, 、 and 。).
+_DEEPSEEK_PUNCTUATION = "!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002"
+# CJK ideographs, U+0800-U+4E00 (which holds U+3000 and other spaces) and Hangul.
+_DEEPSEEK_CJK_HANGUL = _no_whitespace("\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff")
+_DEEPSEEK_LLM_REGEXES = (
+    "[\r\n]",
+    r"\s?" + _no_whitespace(_DEEPSEEK_LETTERS) + "+",
+    r"\s?" + _no_whitespace(_DEEPSEEK_PUNCTUATION) + "+",
+    r"\s+$",  # fragments hold no "\n" by now, so "$" is the fragment's end as in std::regex
+    _DEEPSEEK_CJK_HANGUL + "+",
+    r"\p{N}+",
+)
+# DeepSeek Coder (LLAMA_VOCAB_PRE_TYPE_DEEPSEEK_CODER).
+_DEEPSEEK_CODER_REGEXES = (
+    "[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _DEEPSEEK_CJK_HANGUL + "+", r"\p{N}",
+)
+# DeepSeek V3 / R1 (LLAMA_VOCAB_PRE_TYPE_DEEPSEEK3_LLM): digits in groups of up to three, then
+# CJK ideograph / kana runs, then a llama3-like split where ASCII punctuation may lead a word.
+_DEEPSEEK_V3_REGEXES = (
+    r"\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+)
+
+
 @dataclass(frozen=True)
 class _PreTokenizer:
-    regex: str
+    # Applied in order, each splitting the fragments the previous one produced, keeping both
+    # matches and the text between them (llama.cpp's regex_exprs, HF's Split "isolated").
+    regexes: tuple[str, ...]
     ignore_merges: bool = False  # a word that is itself a token is not split (llama3)
     add_bos: bool = False  # llama.cpp's default when tokenizer.ggml.add_bos_token is absent
     clean_spaces: bool = True  # decode drops spaces before punctuation (llama.cpp's default)
 
 
-_QWEN2 = _PreTokenizer(_QWEN2_REGEX, clean_spaces=False)
-_LLAMA3 = _PreTokenizer(_LLAMA3_REGEX, ignore_merges=True, add_bos=True)
-_GPT2 = _PreTokenizer(_GPT2_REGEX)
+_QWEN2 = _PreTokenizer((_QWEN2_REGEX,), clean_spaces=False)
+_LLAMA3 = _PreTokenizer((_LLAMA3_REGEX,), ignore_merges=True, add_bos=True)
+_GPT2 = _PreTokenizer((_GPT2_REGEX,))
 # tokenizer.ggml.pre -> pre-tokenizer, following llama.cpp's llama_vocab::impl::load.
 _PRE_TOKENIZERS = {
     "qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2, "megrez": _QWEN2,
-    "qwen35": _PreTokenizer(_QWEN35_REGEX, clean_spaces=False),
+    "qwen35": _PreTokenizer((_QWEN35_REGEX,), clean_spaces=False),
     "llama3": _LLAMA3, "llama-v3": _LLAMA3, "llama-bpe": _LLAMA3, "falcon3": _LLAMA3,
     "gpt-2": _GPT2, "phi-2": _GPT2,
+    "deepseek-llm": _PreTokenizer(_DEEPSEEK_LLM_REGEXES, clean_spaces=False),
+    "deepseek-coder": _PreTokenizer(_DEEPSEEK_CODER_REGEXES, clean_spaces=False),
+    "deepseek-v3": _PreTokenizer(_DEEPSEEK_V3_REGEXES, clean_spaces=False),
 }
 _ASCII_SPACE = " \t\n\v\f\r"  # C isspace(), used for lstrip/rstrip of special tokens
 _SPACE_MARK = "\u2581"  # "▁", SentencePiece's visible space
@@ -318,11 +381,13 @@ class Tokenizer:
         model = models.BPE(vocab, merges, fuse_unk=False,
                            ignore_merges=self._pre_tokenizer.ignore_merges)
         tokenizer = tokenizers.Tokenizer(model)
-        regex = tokenizers.Regex(self._pre_tokenizer.regex)
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(regex, behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        splits = [
+            pre_tokenizers.Split(tokenizers.Regex(regex), behavior="isolated", invert=False)
+            for regex in self._pre_tokenizer.regexes
+        ]
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
         return tokenizer
 
     # -- encoding -----------------------------------------------------------------------------

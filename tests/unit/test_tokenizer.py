@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from cluster.default_model import default_model_path
 from cluster.gguf import open_gguf
@@ -28,6 +30,16 @@ CORPUS = [
     "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\nhi<|im_end|>",
     "<bos>text</s><unused12><|endoftext|>", "<table><tr><td>x</td></tr></table>",
     "<0x0A> literal", "▁▁ visible ▁ spaces", "aaaaaaaaaaaaaaaaaaaa", "ab" * 40,
+    # Digit grouping, CJK / kana / Hangul runs, full-width forms and punctuation runs, which the
+    # DeepSeek pre-tokenizers split on; ideographic and other non-ASCII spaces inside them.
+    "1234567 12 123 1234 x1234567y 3.1415926", "中文测试 日本語テキスト ひらがな カタカナ 한국어",
+    "中文，测试。\u3000全角\u3000\u3000、空格", "Ｆｕｌｌ\u3000ｗｉｄｔｈ！？（１２３）",
+    "...!!!???,,,;;; --- ((([[[{{{ }}}]]]))) \"quoted\" 'single' “curly” ‘q’",
+    "line1\nline2\n\nline3\r\n\r\n\n  \n\t\n end  \n", "trailing spaces   ",
+    ".hidden ,comma !bang $dollar @at #hash", "x\u2003\u2003y\u00a0z\u202fw\u0085v",
+    "\u0390\u1fd3 \u2126\u03a9 \u212a K \u1f7d\u03ce µ \u00b5 ſ ﬁ", "٣٤٥ ²³ ½ Ⅻ 𝟙𝟚",
+    # llama.cpp never lets U+3000 match DeepSeek's literal ranges that contain it.
+    "  \u3000", "\u2003\u2003\u3000中", "x\u2003\u2003\u3000、y", "\u3000  \u3000",
 ]
 for _count in range(1, 6):
     for _char in (" ", "\t", "\n"):
@@ -43,12 +55,40 @@ def gemma_path() -> Path:
     return default_model_path(progress=False)
 
 
-VOCABS = {
-    "gemma3": gemma_path,
-    "qwen2": lambda: llamacpp.vocab_file("qwen2"),
-    "qwen35": lambda: llamacpp.vocab_file("qwen35"),
-    "llama-bpe": lambda: llamacpp.vocab_file("llama-bpe"),
-    "llama-spm": lambda: llamacpp.vocab_file("llama-spm"),
+def with_pre_tokenizer(source: Path, pre: str, path: Path) -> Path:
+    """A copy of a vocab-only GGUF whose tokenizer.ggml.pre is `pre`.
+
+    llama.cpp picks its regex list from that string alone, so llama.cpp tokenizing the copy is
+    the reference for `pre` (used for DeepSeek-V3, which has no vocab file in llama.cpp).
+    """
+    reader = GGUFReader(source)
+    writer = GGUFWriter(path, str(reader.fields["general.architecture"].contents()))
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        main_type = field.types[0]
+        sub_type = field.types[1] if main_type == GGUFValueType.ARRAY else None
+        value = pre if key == "tokenizer.ggml.pre" else field.contents()
+        writer.add_key_value(key, value, main_type, sub_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    return path
+
+
+# name -> vocab GGUF path, given a scratch directory.
+VOCABS: dict[str, Callable[[Path], Path]] = {
+    "gemma3": lambda _: gemma_path(),
+    "qwen2": lambda _: llamacpp.vocab_file("qwen2"),
+    "qwen35": lambda _: llamacpp.vocab_file("qwen35"),
+    "llama-bpe": lambda _: llamacpp.vocab_file("llama-bpe"),
+    "llama-spm": lambda _: llamacpp.vocab_file("llama-spm"),
+    "deepseek-llm": lambda _: llamacpp.vocab_file("deepseek-llm"),
+    "deepseek-coder": lambda _: llamacpp.vocab_file("deepseek-coder"),
+    "deepseek-v3": lambda directory: with_pre_tokenizer(
+        llamacpp.vocab_file("deepseek-llm"), "deepseek-v3", directory / "deepseek-v3.gguf"
+    ),
 }
 
 
@@ -83,8 +123,12 @@ class Reference:
 
 
 @pytest.fixture(scope="module", params=list(VOCABS))
-def vocab(request: Any) -> tuple[str, Tokenizer, Reference, Path]:
-    path = VOCABS[request.param]()
+def vocab(
+    request: Any, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Tokenizer, Reference, Path]:
+    if request.param == "deepseek-v3" and not llamacpp.vocab_file("deepseek-llm").exists():
+        pytest.skip(f"{llamacpp.vocab_file('deepseek-llm')} missing")
+    path = VOCABS[request.param](tmp_path_factory.mktemp(request.param))
     if not path.exists():
         pytest.skip(f"{path} missing")
     with open_gguf(path) as gguf_file:
@@ -113,7 +157,8 @@ def test_encode_random_text_matches_llamacpp(vocab: tuple[str, Tokenizer, Refere
     name, tokenizer, reference, _ = vocab
     rng = random.Random(1234)
     alphabet = (list("aabcdeefghiijklmnoopqrsttuvwxyz  AEIOXZ0123456789.,;:!?'\"()[]{}<>/_-=+*")
-                + list("\t\n\réüößçñ▁") + list("Привет日本語中文한국어")
+                + list("\t\n\réüößçñ▁") + list("Привет日本語中文한국어ひカ、。，！１Ｚ")
+                + ["\u3000", "\u2003", "\u00a0", "\u212a", "\u1fd3", "٣", "½"]
                 + ["😀", "👨‍👩‍👧", "\u200d"]
                 + ["<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>", "</s>",
                    "<td>", "   ", "\n\n", "====", "ing", "tion", "1111", "ééé"])
@@ -201,3 +246,19 @@ def test_gemma_uses_byte_fallback_for_unseen_characters() -> None:
     ids = tokenizer.encode("\U0001fae8", add_special=False)
     assert all(int(tokenizer.token_types[i]) == TOKEN_BYTE for i in ids)
     assert b"".join(tokenizer.piece(i) for i in ids) == "\U0001fae8".encode()
+
+
+def test_deepseek_v3_splits_differently_from_deepseek_llm(tmp_path: Path) -> None:
+    """The deepseek-v3 copy is a real test of its regexes: same vocab, other pre-tokenization."""
+    source = llamacpp.vocab_file("deepseek-llm")
+    if not source.exists():
+        pytest.skip(f"{source} missing")
+    copy = with_pre_tokenizer(source, "deepseek-v3", tmp_path / "deepseek-v3.gguf")
+    # deepseek-llm's "\s?" lets a tab lead punctuation, deepseek-v3's " ?" only a space.
+    text = "1234567 日本語テキスト\n\t\t(x)"
+    tokenizers = {}
+    for path in (source, copy):
+        with open_gguf(path) as gguf_file:
+            tokenizers[path] = Tokenizer(gguf_file.metadata, str(path))
+        assert tokenizers[path].encode(text) == Reference(path).tokenize(text, True, True)
+    assert tokenizers[source].encode(text) != tokenizers[copy].encode(text)
