@@ -127,6 +127,10 @@ class ShardRunner:
             raise UnsupportedArchitectureError(
                 f"numoe can plan {config.architecture} models but not run them yet; run one of "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        if config.is_mla and type(backend).attention_latent is Backend.attention_latent:
+            raise NumoeError(  # refused at load, not at the first token
+                f"the {backend.name} backend cannot run multi-head latent attention yet, which "
+                f"{config.architecture} models (DeepSeek, Kimi) need; use the cpu backend")
         cache_dtype = backend.dtype if kv_cache_dtype is None else np.dtype(kv_cache_dtype)
         if cache_dtype not in backend.kv_cache_dtypes:
             raise NumoeError(

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cluster.errors import NumoeError
 from cluster.gguf import GGUFFile, open_gguf
 from cluster.model import load_model_spec
 from tests.models.metrics import greedy_decode, max_relative_error
@@ -143,3 +144,16 @@ def test_q8_0_matches_llamacpp(tiny_deepseek: TinyModel) -> None:
     exact = reference_logits(tiny_deepseek, ids)
     between = max_relative_error(theirs, ours)
     assert between <= 0.5 * max_relative_error(exact, theirs), between
+
+
+class _NoMlaBackend(NumpyRefBackend):
+    """A backend that runs every other architecture (as the CUDA backend does today)."""
+
+    attention_latent = Backend.attention_latent
+
+
+def test_backend_without_mla_is_refused_at_load(tiny_deepseek: TinyModel) -> None:
+    with open_gguf(str(tiny_deepseek.gguf["f32"])) as gguf:
+        config, tensors = load_model_spec(gguf)
+        with pytest.raises(NumoeError, match="cannot run multi-head latent attention.*cpu"):
+            ModelRunner(config, tensors, gguf, _NoMlaBackend(), N_CTX)
