@@ -32,11 +32,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import math
 import os
-import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,11 +50,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.make_moe_model import (  # noqa: E402 — repo root on the path first
     GIB,
     QWEN2_VOCAB,
-    _copy_tokenizer,
-    _dtype,
-    _generate,
-    quantize,
+    TensorPlan,
+    build_q4_k_m,
+    copy_tokenizer,
+    generate_tensor,
+    plan_bytes,
     verify,
+    write_tensors,
 )
 from tests.reference import llamacpp  # noqa: E402
 
@@ -106,8 +105,6 @@ class DeepseekBenchSpec:
             )
 
 
-# (GGUF name, numpy shape [rows, cols...], kind) — kind picks dtype and init.
-TensorPlan = list[tuple[str, tuple[int, ...], str]]
 
 
 def tensor_plan(spec: DeepseekBenchSpec, vocab: int) -> TensorPlan:
@@ -177,11 +174,7 @@ def tensor_plan(spec: DeepseekBenchSpec, vocab: int) -> TensorPlan:
 def _generate_tensor(shape: tuple[int, ...], kind: str, rng: np.random.Generator) -> np.ndarray:
     if kind == "probs_bias":
         return rng.uniform(-ROUTER_BIAS_SPREAD, ROUTER_BIAS_SPREAD, shape).astype(np.float32)
-    return _generate(shape, kind, rng)
-
-
-def _plan_bytes(plan: TensorPlan) -> int:
-    return sum(math.prod(shape) * _dtype(kind).itemsize for _, shape, kind in plan)
+    return generate_tensor(shape, kind, rng)
 
 
 def write_f16_gguf(spec: DeepseekBenchSpec, path: Path, vocab_path: Path) -> None:
@@ -211,7 +204,7 @@ def write_f16_gguf(spec: DeepseekBenchSpec, path: Path, vocab_path: Path) -> Non
     writer.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
     writer.add_file_type(LlamaFileType.MOSTLY_F16)
     writer.add_leading_dense_block_count(spec.first_dense_layers)
-    vocab = _copy_tokenizer(writer, vocab_path)
+    vocab = copy_tokenizer(writer, vocab_path)
     writer.add_vocab_size(vocab)
     writer.add_q_lora_rank(spec.q_lora_rank)
     writer.add_kv_lora_rank(spec.kv_lora_rank)
@@ -229,26 +222,7 @@ def write_f16_gguf(spec: DeepseekBenchSpec, path: Path, vocab_path: Path) -> Non
     writer.add_rope_scaling_yarn_log_mul(0.1 * spec.yarn_mscale_all_dim)
     writer.add_quantization_version(2)
 
-    plan = tensor_plan(spec, vocab)
-    for name, shape, kind in plan:
-        dtype = _dtype(kind)
-        writer.add_tensor_info(name, shape, dtype, math.prod(shape) * dtype.itemsize)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    total_bytes = _plan_bytes(plan)
-    written, start = 0, time.perf_counter()
-    for index, (name, shape, kind) in enumerate(plan):
-        rng = np.random.default_rng([spec.seed, index])
-        writer.write_tensor_data(_generate_tensor(shape, kind, rng))
-        written += math.prod(shape) * _dtype(kind).itemsize
-        if name.endswith("exps.weight") or index == len(plan) - 1:
-            print(
-                f"  {name:32s} {written / GIB:6.2f} / {total_bytes / GIB:.2f} GiB"
-                f"  ({time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
-    writer.close()
+    write_tensors(writer, tensor_plan(spec, vocab), spec.seed, _generate_tensor)
 
 
 def print_type_mixture(path: Path) -> None:
@@ -284,38 +258,11 @@ def main() -> None:
         spec = DeepseekBenchSpec(n_layers=args.layers, seed=args.seed)
     except ValueError as error:
         parser.error(str(error))
-    out: Path = args.out
-    f16_path = out.with_name(out.name.replace("Q4_K_M", "F16") if "Q4_K_M" in out.name
-                             else out.stem + "-F16.gguf")  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    if out.exists():
-        print(f"{out} exists ({out.stat().st_size / GIB:.2f} GiB): skipping generation")
-    else:
-        f16_bytes = _plan_bytes(tensor_plan(spec, QWEN2_VOCAB))
-        need = (0 if f16_path.exists() else f16_bytes) + f16_bytes // 3 + GIB
-        free = shutil.disk_usage(out.parent).free
-        print(f"disk: {free / GIB:.1f} GiB free in {out.parent}, need about {need / GIB:.1f} GiB")
-        if free < need:
-            sys.exit(f"not enough disk space in {out.parent}: free {free / GIB:.1f} GiB, "
-                     f"need {need / GIB:.1f} GiB; pass --out on a larger disk")  # fmt: skip
-        start = time.perf_counter()
-        if not f16_path.exists():
-            print(f"writing {f16_path} ({f16_bytes / GIB:.2f} GiB, {spec})", flush=True)
-            partial = f16_path.with_suffix(".partial")
-            write_f16_gguf(spec, partial, llamacpp.vocab_file("qwen2"))
-            os.replace(partial, f16_path)
-        f16_done = time.perf_counter()
-        print(f"F16 ready in {f16_done - start:.0f} s; quantizing to Q4_K_M...", flush=True)
-        partial = out.with_suffix(".partial")
-        quantize(f16_path, partial, args.threads)
-        os.replace(partial, out)
-        print(f"Q4_K_M written in {time.perf_counter() - f16_done:.0f} s: {out} "
-              f"({out.stat().st_size / GIB:.2f} GiB)")  # fmt: skip
-        if not args.keep_f16:
-            f16_path.unlink()
-    print_type_mixture(out)
-    verify(out, args.threads)
+    build_q4_k_m(args.out, plan_bytes(tensor_plan(spec, QWEN2_VOCAB)), str(spec),
+                 lambda path: write_f16_gguf(spec, path, llamacpp.vocab_file("qwen2")),
+                 args.threads, args.keep_f16)
+    print_type_mixture(args.out)
+    verify(args.out, args.threads)
 
 
 if __name__ == "__main__":

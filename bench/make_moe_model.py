@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,14 +96,14 @@ def tensor_plan(spec: BenchModelSpec, vocab: int) -> TensorPlan:
     return plan
 
 
-def _dtype(kind: str) -> np.dtype:
+def tensor_dtype(kind: str) -> np.dtype:
     return np.dtype(np.float16 if kind == "linear" else np.float32)
 
 
-def _generate(shape: tuple[int, ...], kind: str, rng: np.random.Generator) -> np.ndarray:
+def generate_tensor(shape: tuple[int, ...], kind: str, rng: np.random.Generator) -> np.ndarray:
     if kind == "norm":
         return (1.0 + NORM_WEIGHT_SPREAD * rng.uniform(-1, 1, shape)).astype(np.float32)
-    out = np.empty(shape, dtype=_dtype(kind))
+    out = np.empty(shape, dtype=tensor_dtype(kind))
     # Row blocks of ~16M values keep the float32 scratch small for the 400 MB expert tensors.
     rows = out.reshape(-1, shape[-1])  # [rows, cols] view
     step = max(1, (1 << 24) // shape[-1])
@@ -112,7 +113,7 @@ def _generate(shape: tuple[int, ...], kind: str, rng: np.random.Generator) -> np
     return out
 
 
-def _copy_tokenizer(writer: GGUFWriter, vocab_path: Path) -> int:
+def copy_tokenizer(writer: GGUFWriter, vocab_path: Path) -> int:
     """Copy every tokenizer.* key from a llama.cpp vocab GGUF; return the vocabulary size."""
     reader = GGUFReader(vocab_path)
     for key, field in reader.fields.items():
@@ -143,20 +144,33 @@ def write_f16_gguf(spec: BenchModelSpec, path: Path, vocab_path: Path) -> None:
     writer.add_expert_feed_forward_length(spec.expert_ffn)
     writer.add_file_type(LlamaFileType.MOSTLY_F16)
     writer.add_quantization_version(2)
-    vocab = _copy_tokenizer(writer, vocab_path)
+    vocab = copy_tokenizer(writer, vocab_path)
 
-    plan = tensor_plan(spec, vocab)
+    write_tensors(writer, tensor_plan(spec, vocab), spec.seed, generate_tensor)
+
+
+def plan_bytes(plan: TensorPlan) -> int:
+    """F16/F32 bytes of every tensor of a plan."""
+    return sum(int(np.prod(shape)) * tensor_dtype(kind).itemsize for _, shape, kind in plan)
+
+
+def write_tensors(writer: GGUFWriter, plan: TensorPlan, seed: int,
+                  generate: Callable[[tuple[int, ...], str, np.random.Generator], np.ndarray]
+                  ) -> None:
+    """Tensor infos, header and metadata, then each tensor generated from
+    np.random.default_rng([seed, index]), written and freed (memory stays one tensor), with a
+    progress line per expert tensor; closes the writer."""
     for name, shape, kind in plan:
-        dtype = _dtype(kind)
+        dtype = tensor_dtype(kind)
         writer.add_tensor_info(name, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    total_bytes = sum(int(np.prod(s)) * _dtype(k).itemsize for _, s, k in plan)
+    total_bytes = plan_bytes(plan)
     written, start = 0, time.perf_counter()
     for index, (name, shape, kind) in enumerate(plan):
-        writer.write_tensor_data(_generate(shape, kind, np.random.default_rng([spec.seed, index])))
-        written += int(np.prod(shape)) * _dtype(kind).itemsize
+        writer.write_tensor_data(generate(shape, kind, np.random.default_rng([seed, index])))
+        written += int(np.prod(shape)) * tensor_dtype(kind).itemsize
         if name.endswith("exps.weight") or index == len(plan) - 1:
             print(
                 f"  {name:32s} {written / GIB:6.2f} / {total_bytes / GIB:.2f} GiB"
@@ -197,6 +211,40 @@ def verify(path: Path, threads: int) -> None:
           f"{1 / decode_s:.1f} tok/s ({threads} threads); greedy {generated} {text!r}")  # fmt: skip
 
 
+def build_q4_k_m(out: Path, f16_bytes: int, what: str, write_f16: Callable[[Path], None],
+                 threads: int, keep_f16: bool) -> None:
+    """Steps 1 and 2 of a benchmark model: the F16 GGUF (write_f16(path), unless it exists),
+    then llama-quantize to Q4_K_M at `out`; skipped when `out` exists. Checks the disk first;
+    partial files never take the final names."""
+    f16_path = out.with_name(out.name.replace("Q4_K_M", "F16") if "Q4_K_M" in out.name
+                             else out.stem + "-F16.gguf")  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        print(f"{out} exists ({out.stat().st_size / GIB:.2f} GiB): skipping generation")
+        return
+    need = (0 if f16_path.exists() else f16_bytes) + f16_bytes // 3 + GIB
+    free = shutil.disk_usage(out.parent).free
+    print(f"disk: {free / GIB:.1f} GiB free in {out.parent}, need about {need / GIB:.1f} GiB")
+    if free < need:
+        sys.exit(f"not enough disk space in {out.parent}: free {free / GIB:.1f} GiB, "
+                 f"need {need / GIB:.1f} GiB; pass --out on a larger disk")  # fmt: skip
+    start = time.perf_counter()
+    if not f16_path.exists():
+        print(f"writing {f16_path} ({f16_bytes / GIB:.2f} GiB, {what})", flush=True)
+        partial = f16_path.with_suffix(".partial")
+        write_f16(partial)
+        os.replace(partial, f16_path)
+    f16_done = time.perf_counter()
+    print(f"F16 ready in {f16_done - start:.0f} s; quantizing to Q4_K_M...", flush=True)
+    partial = out.with_suffix(".partial")
+    quantize(f16_path, partial, threads)
+    os.replace(partial, out)
+    print(f"Q4_K_M written in {time.perf_counter() - f16_done:.0f} s: {out} "
+          f"({out.stat().st_size / GIB:.2f} GiB)")  # fmt: skip
+    if not keep_f16:
+        f16_path.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=BenchModelSpec.n_layers)
@@ -206,38 +254,10 @@ def main() -> None:
     parser.add_argument("--keep-f16", action="store_true", help="keep the F16 intermediate")
     args = parser.parse_args()
     spec = BenchModelSpec(n_layers=args.layers, seed=args.seed)
-    out: Path = args.out
-    f16_path = out.with_name(out.name.replace("Q4_K_M", "F16") if "Q4_K_M" in out.name
-                             else out.stem + "-F16.gguf")  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    if out.exists():
-        print(f"{out} exists ({out.stat().st_size / GIB:.2f} GiB): skipping generation")
-    else:
-        plan = tensor_plan(spec, QWEN2_VOCAB)
-        f16_bytes = sum(int(np.prod(s)) * _dtype(k).itemsize for _, s, k in plan)
-        need = (0 if f16_path.exists() else f16_bytes) + f16_bytes // 3 + GIB
-        free = shutil.disk_usage(out.parent).free
-        print(f"disk: {free / GIB:.1f} GiB free in {out.parent}, need about {need / GIB:.1f} GiB")
-        if free < need:
-            sys.exit(f"not enough disk space in {out.parent}: free {free / GIB:.1f} GiB, "
-                     f"need {need / GIB:.1f} GiB; pass --out on a larger disk")  # fmt: skip
-        start = time.perf_counter()
-        if not f16_path.exists():
-            print(f"writing {f16_path} ({f16_bytes / GIB:.2f} GiB, {spec})", flush=True)
-            partial = f16_path.with_suffix(".partial")
-            write_f16_gguf(spec, partial, llamacpp.vocab_file("qwen2"))
-            os.replace(partial, f16_path)
-        f16_done = time.perf_counter()
-        print(f"F16 ready in {f16_done - start:.0f} s; quantizing to Q4_K_M...", flush=True)
-        partial = out.with_suffix(".partial")
-        quantize(f16_path, partial, args.threads)
-        os.replace(partial, out)
-        print(f"Q4_K_M written in {time.perf_counter() - f16_done:.0f} s: {out} "
-              f"({out.stat().st_size / GIB:.2f} GiB)")  # fmt: skip
-        if not args.keep_f16:
-            f16_path.unlink()
-    verify(out, args.threads)
+    build_q4_k_m(args.out, plan_bytes(tensor_plan(spec, QWEN2_VOCAB)), str(spec),
+                 lambda path: write_f16_gguf(spec, path, llamacpp.vocab_file("qwen2")),
+                 args.threads, args.keep_f16)
+    verify(args.out, args.threads)
 
 
 if __name__ == "__main__":
