@@ -5,9 +5,11 @@ which blocks end in an all-reduce; nothing here re-derives the layout. A layer o
 
     x = attn_norm(hidden)
     attn = attention(x)              # this rank's kv-head group only: a partial sum [T, H]
+                                     # (MLA: its query heads, worker/latent_attention.py)
     attn = all_reduce(attn)          # if the block is split: the full sum, same bits everywhere
     hidden = hidden + post_norm(attn)      (Gemma; plain hidden + attn otherwise)
-    ... the same for the dense FFN or the routed experts (the FFN reduce site).
+    ... the same for the dense FFN or the routed experts plus any shared experts (the FFN
+    reduce site; DeepSeek's first layers are dense).
 
 The post-attention / post-FFN norms (Gemma) are norms of the full sum, so they run after the
 reduce. The router is replicated: every rank of a stage routes the same tokens to the same
@@ -183,7 +185,7 @@ class ShardRunner:
                         for w in self.layers]
             self.caches = [KVCache(kv_heads, n_ctx, config.head_dim, config.value_head_dim,
                                    cache_dtype) for _ in range(n_slots)]
-        # One table per distinct RoPE base, shared by the layers that use it.
+        # One table per distinct RoPE base, shared by the layers that use it (MLA has its own).
         tables: dict[float, RopeTable] = {}
         self.rope: list[RopeTable] = []
         self.windows: list[int] = []
@@ -192,7 +194,8 @@ class ShardRunner:
             if base not in tables and not config.is_mla:
                 tables[base] = RopeTable(base, config.rope_freq_scale, config.head_dim, n_ctx,
                                          config.rope_style, backend.dtype)
-            self.rope.append(tables.get(base))  # type: ignore[arg-type]
+            if not config.is_mla:
+                self.rope.append(tables[base])
             self.windows.append(config.sliding_window if config.sliding_layers[layer] else 0)
         self.fixed_bytes_per_forward = self._fixed_bytes()
 
