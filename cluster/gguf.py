@@ -388,6 +388,29 @@ class GGUFFile:
             raise ValueError(f"{self.path}: the file is closed")
         return np.frombuffer(self._mmap, np.uint8, info.n_bytes, info.offset)
 
+    def populate(self) -> bool:
+        """Map every tensor page into this process now, as llama.cpp's loader does
+        (MAP_POPULATE), instead of one page fault storm per expert on the first tokens that
+        route to it (measured: one 8-expert MoE call 11 ms with cold mappings, 0.9 ms after).
+        Reads the file from disk if it is not cached. Skipped (False) when the tensor data is
+        larger than the memory available now: populating would only evict itself."""
+        if self._mmap is None:
+            raise ValueError(f"{self.path}: the file is closed")
+        if not self.tensors:
+            return True
+        first = min(info.offset for info in self.tensors.values())
+        end = max(info.offset + info.n_bytes for info in self.tensors.values())
+        if end - first > _available_memory_bytes():
+            return False
+        page = mmap.PAGESIZE
+        start = first // page * page
+        try:  # Linux >= 5.14: the kernel fills the page tables in one call
+            self._mmap.madvise(_MADV_POPULATE_READ, start, end - start)
+        except (OSError, ValueError):
+            # Older kernels: touch one byte per page (fault-around maps its neighbours too).
+            int(np.frombuffer(self._mmap, np.uint8, end - start, start)[::page].sum())
+        return True
+
     def close(self) -> None:
         if self._mmap is None:
             return
@@ -412,6 +435,21 @@ class GGUFFile:
     def __repr__(self) -> str:
         return (f"GGUFFile({str(self.path)!r}, version={self.version}, "
                 f"{len(self.metadata)} keys, {len(self.tensors)} tensors)")
+
+
+_MADV_POPULATE_READ = 22  # linux/mman.h; not in Python 3.11's mmap module
+
+
+def _available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (bytes); unlimited where there is no such file."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFFile:

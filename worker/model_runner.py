@@ -2,8 +2,10 @@
 
 A ModelRunner is a ShardRunner (worker/shard_runner.py) over a one-worker plan: every tensor
 whole, no all-reduce, one stage that embeds the tokens and computes every logit. Its weights
-are zero-copy views into the GGUF mapping (the OS pages them in as they are read), so there is
-one forward pass in the codebase, whether one process runs the model or a cluster does.
+are zero-copy views into the GGUF mapping, so there is one forward pass in the codebase, whether
+one process runs the model or a cluster does. The mapping's pages are filled at load
+(GGUFFile.populate), as llama.cpp's loader does, so that no early token pays the page faults of
+the experts it is the first to use.
 
 A prompt is one batch (matrix-matrix products); decode is T = 1 (matrix-vector). The KV cache
 is in the backend's dtype or, on request, float16. With n_slots > 1 it runs several sequences
@@ -59,10 +61,11 @@ class ModelRunner:
 
     def __init__(self, config: ModelConfig, tensors: TensorMap, gguf: GGUFFile,
                  backend: Backend, n_ctx: int, kv_cache_dtype: DTypeLike | None = None,
-                 n_slots: int = 1) -> None:
+                 n_slots: int = 1, populate: bool = True) -> None:
         """kv_cache_dtype: the backend's dtype when None; float16 halves the cache and rounds
         keys and values as llama.cpp's default F16 cache does. n_slots: sequences kept at
-        once, each with its own n_ctx-token KV cache."""
+        once, each with its own n_ctx-token KV cache. populate: map the file's pages now
+        (GGUFFile.populate, as llama.cpp's loader does), so no token pays their first faults."""
         self.config = config
         self.backend = backend
         self.n_ctx = n_ctx
@@ -72,6 +75,8 @@ class ModelRunner:
                    for tensor in self.plan.tensors}
         self.shard = ShardRunner(config, self.plan, 0, weights, backend, n_ctx, _no_reduce,
                                  kv_cache_dtype, n_slots)
+        if populate:
+            gguf.populate()
 
     @property
     def cache(self) -> KVCache:
