@@ -254,3 +254,48 @@ def test_duplicate_tensor_names(tmp_path: Path, small_bytes: bytes) -> None:
     data = small_bytes[:position] + b"tensor.f32" + small_bytes[position + len(b"tensor.f16"):]
     message = open_error(corrupt(tmp_path, data))
     assert "'tensor.f32' appears twice" in message
+
+
+def _mapped_rss_bytes(path: Path) -> int:
+    """Resident bytes of this process's mappings of `path` (/proc/self/smaps)."""
+    target, total, inside = str(path.resolve()), 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                inside = len(fields) >= 6 and fields[-1] == target
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
+def _large_file(tmp_path: Path) -> Path:
+    """A GGUF of one 8 MiB float32 tensor: far more pages than parsing the header maps."""
+    path = tmp_path / "large.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tensor("big.weight", np.ones((2048, 1024), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_populate_maps_every_tensor_page(tmp_path: Path) -> None:
+    path = _large_file(tmp_path)
+    tensor_bytes = 2048 * 1024 * 4
+    with open_gguf(path) as file:
+        assert _mapped_rss_bytes(path) < tensor_bytes // 4  # only the header was read
+        assert file.populate()
+        assert _mapped_rss_bytes(path) >= tensor_bytes
+
+
+def test_populate_skips_a_file_larger_than_available_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cluster import gguf as numoe_gguf  # noqa: PLC0415
+
+    path = _large_file(tmp_path)
+    monkeypatch.setattr(numoe_gguf, "_available_memory_bytes", lambda: 1 << 20)
+    with open_gguf(path) as file:
+        assert not file.populate()
+        assert _mapped_rss_bytes(path) < 2048 * 1024
