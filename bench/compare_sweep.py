@@ -122,18 +122,13 @@ def ratio_table(ours: SweepResult, theirs: SweepResult, ppl: tuple[PerplexityRun
                 ppl_settings: str) -> str:
     lines = ["| measurement | numoe | llama.cpp | numoe / llama.cpp |", "|---|---|---|---|"]
     theirs_by_depth = {row.n_kv: row for row in theirs.rows}
-    for row in ours.rows:
-        other = theirs_by_depth.get(row.n_kv)
-        if other is None:
-            continue
-        lines.append(f"| S_PP t/s, PP {row.pp} at N_KV {row.n_kv} | {row.speed_pp:.2f} | "
-                     f"{other.speed_pp:.2f} | {row.speed_pp / other.speed_pp:.2f} |")
-    for row in ours.rows:
-        other = theirs_by_depth.get(row.n_kv)
-        if other is None:
-            continue
-        lines.append(f"| S_TG t/s, TG {row.tg} at N_KV {row.n_kv} | {row.speed_tg:.2f} | "
-                     f"{other.speed_tg:.2f} | {row.speed_tg / other.speed_tg:.2f} |")
+    paired = [(row, theirs_by_depth[row.n_kv]) for row in ours.rows
+              if row.n_kv in theirs_by_depth]
+    for kind in ("pp", "tg"):  # every prompt row, then every decode row
+        for row, other in paired:
+            mine, its = getattr(row, f"speed_{kind}"), getattr(other, f"speed_{kind}")
+            lines.append(f"| S_{kind.upper()} t/s, {kind.upper()} {getattr(row, kind)} at N_KV "
+                         f"{row.n_kv} | {mine:.2f} | {its:.2f} | {mine / its:.2f} |")
     numoe_run, llama_run = ppl
     lines.append(f"| PPL ({ppl_settings}) | {numoe_run.ppl:.4f} ± {numoe_run.ppl_unc:.4f} | "
                  f"{llama_run.ppl:.4f} ± {llama_run.ppl_unc:.4f} | "

@@ -53,6 +53,9 @@ class MlaWeightHandles:
     v_b_data: WeightData
     n_heads: int  # heads' = the heads this rank computes
     n_bytes: int  # bytes of every matrix above: read once per forward
+    # k_b and v_b dequantized, filled on the expanded form's first use (a reference path)
+    k_b_dense: np.ndarray | None = None  # [heads', kv_lora, nope]
+    v_b_dense: np.ndarray | None = None  # [heads', v, kv_lora]
 
 
 def mla_tensor_names(prefix: str, config: ModelConfig, layout: str) -> list[str]:
@@ -103,12 +106,6 @@ def _split_kv_b(loader: _Loader, name: str, config: ModelConfig, n_heads: int,
                  for kind, array in (("k_b", k_b), ("v_b", v_b)))  # type: ignore[return-value]
 
 
-@dataclass
-class _DenseHeads:
-    k_b: np.ndarray  # [heads', kv_lora, nope]
-    v_b: np.ndarray  # [heads', v, kv_lora]
-
-
 class MlaAttention:
     """Runs one rank's MLA for the layers it holds; `absorbed` picks the form (see module)."""
 
@@ -117,7 +114,6 @@ class MlaAttention:
         self.backend = backend
         self.table = table
         self.absorbed = True
-        self._dense: dict[int, _DenseHeads] = {}  # id(weights) -> expanded form's k_b, v_b
 
     def __call__(self, w: MlaWeightHandles, x: np.ndarray, spans: list[Span],
                  caches: list[LatentCache], local: int, rows: bool) -> np.ndarray:
@@ -157,22 +153,20 @@ class MlaAttention:
                     c.attention_scale, kv_lora)
             heads_out = heads_product(w.v_b, latent_out)  # [T, heads', v]
         else:
-            dense = self._dense_heads(w)
+            k_b, v_b = self._dense_heads(w)
             heads_out = np.empty((n_tokens, w.n_heads, c.value_head_dim), q.dtype)
             for span in spans:
                 part = slice(span.r0, span.r1)
                 cache = caches[span.slot].layer_latents[local]  # [C, kv_lora + rope]
                 cache[span.start : span.start + span.r1 - span.r0] = latent[part]
                 heads_out[part] = expanded_attention(q_nope[part], q_pe[part], cache, span.start,
-                                                     dense.k_b, dense.v_b, c.attention_scale)
+                                                     k_b, v_b, c.attention_scale)
         return matmul(w.output, heads_out.reshape(n_tokens, -1))  # [T, H]
 
-    def _dense_heads(self, w: MlaWeightHandles) -> _DenseHeads:
+    def _dense_heads(self, w: MlaWeightHandles) -> tuple[np.ndarray, np.ndarray]:
         """k_b and v_b dequantized (once per layer) for the expanded form."""
-        key = id(w)
-        if key not in self._dense:
+        if w.k_b_dense is None or w.v_b_dense is None:
             dtype = self.backend.dtype
-            self._dense[key] = _DenseHeads(
-                np.asarray(self.backend.load_vector(w.k_b_data), dtype),
-                np.asarray(self.backend.load_vector(w.v_b_data), dtype))
-        return self._dense[key]
+            w.k_b_dense = np.asarray(self.backend.load_vector(w.k_b_data), dtype)
+            w.v_b_dense = np.asarray(self.backend.load_vector(w.v_b_data), dtype)
+        return w.k_b_dense, w.v_b_dense

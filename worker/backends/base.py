@@ -136,8 +136,7 @@ class Backend(ABC):
     def matmul_heads(self, weight: Any, x: np.ndarray) -> np.ndarray:
         """Per-head products with a stack of matrices [B, n_out, n_in] (MLA's attn_k_b and
         attn_v_b): x [T, B, n_in] -> y [T, B, n_out], y[t, b] = W[b] @ x[t, b]."""
-        raise NumoeError(f"the {self.name} backend cannot run multi-head latent attention "
-                         f"(DeepSeek / Kimi models) yet; use the cpu or numpy backend")
+        raise self._no_mla()
 
     def matmul_heads_rows(self, weight: Any, x: np.ndarray) -> np.ndarray:
         """matmul_heads, each token row computed exactly as it would be alone."""
@@ -149,5 +148,8 @@ class Backend(ABC):
         [start, start + T), then attends q [T, n_heads, width] causally to every cached row,
         the value being a row's first value_dim elements -> [T, n_heads, value_dim]
         (worker/layers/mla.py latent_attention is the reference)."""
-        raise NumoeError(f"the {self.name} backend cannot run multi-head latent attention "
-                         f"(DeepSeek / Kimi models) yet; use the cpu or numpy backend")
+        raise self._no_mla()
+
+    def _no_mla(self) -> NumoeError:
+        return NumoeError(f"the {self.name} backend cannot run multi-head latent attention "
+                          f"(DeepSeek / Kimi models) yet; use the cpu or numpy backend")
